@@ -1,0 +1,276 @@
+"""The `lmforge` command: one sub-command per verb. Parsing only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import LmforgeError
+
+BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description="Build, train and run transformer language models from scratch.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    toksub = tok.add_subparsers(dest="tok_verb", metavar="ACTION")
+    tt = toksub.add_parser("train", help="learn BPE merges from text")
+    tt.add_argument("data", help="file, directory or glob of text ('stdlib' = the Python standard library)")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--special", action="append", default=[], help="extra special token (repeatable)")
+    tt.add_argument("--out", default="tokenizer.json")
+
+    pr = sub.add_parser("prepare", help="tokenise text into train/val shards")
+    pr.add_argument("data", help="file, directory or glob of text ('stdlib' = the Python standard library)")
+    pr.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    pr.add_argument("--out", required=True, help="output directory for the shards")
+    pr.add_argument("--val-fraction", type=float, default=0.01)
+    pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+
+    tr = sub.add_parser("train", help="train a model (no arguments: the tiny preset on the Python standard library)",
+                        epilog="Any config field can be set as --key value or --section.key=value, e.g. --n_layer 6 --train.lr=1e-3.")
+    tr.add_argument("data", nargs="?", help="text (file, directory, glob) or a directory of prepared shards; default: the Python standard library")
+    tr.add_argument("--config", help="TOML (or JSON) file with [model] and [train] tables")
+    tr.add_argument("--preset", default=None, help="named preset (see 'lmforge presets'); default tiny")
+    tr.add_argument("--out", help="run directory (default runs/PRESET, or the next free runs/PRESET-N)")
+    tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
+
+    ge = sub.add_parser("generate", help="generate text from a trained run")
+    ge.add_argument("run")
+    ge.add_argument("--prompt", help="text to continue; omit for an interactive prompt loop")
+    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--top-p", type=float, default=None)
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    ge.add_argument("--device", default="cpu")
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text")
+    ev.add_argument("run")
+    ev.add_argument("--data", required=True, help="text file, directory or glob")
+    ev.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate on at most this many tokens")
+    ev.add_argument("--device", default="cpu")
+
+    sub.add_parser("presets", help="list the named model presets")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    try:
+        if argv and argv[0] == "train" and not {"-h", "--help"} & set(argv):
+            args, extra = _split_train_args(parser, argv)
+        else:
+            args, extra = parser.parse_args(argv), []
+        if args.verb is None:
+            parser.print_help()
+            return 2
+        return _dispatch(args, extra) or 0
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+_TRAIN_OPTIONS = ("--config", "--preset", "--out", "--resume", "--stop-after-steps")
+
+
+def _split_train_args(parser, argv):
+    """Separate train's own options and DATA from the free-form --key value config overrides.
+
+    (argparse cannot do this itself: it would take an override's value for the DATA positional.)
+    """
+    own, extra, positional = [], [], []
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in _TRAIN_OPTIONS:
+            take = 1 if "=" in a else 2
+            own += argv[i: i + take]
+            i += take
+        elif a.startswith("--"):
+            take = 1 if "=" in a else 2
+            extra += argv[i: i + take]
+            i += take
+        else:
+            positional.append(a)
+            i += 1
+    if len(positional) > 1:
+        raise LmforgeError(f"train takes one DATA path, got {len(positional)}: {' '.join(positional)}")
+    return parser.parse_args(["train", *own, *positional]), extra
+
+
+def _dispatch(args, extra):
+    if args.verb == "tokenizer":
+        return _tokenizer(args)
+    if args.verb == "prepare":
+        return _prepare(args)
+    if args.verb == "train":
+        return _train(args, extra)
+    if args.verb == "generate":
+        return _generate(args)
+    if args.verb == "eval":
+        return _eval(args)
+    if args.verb == "presets":
+        return _presets()
+
+
+def _data_spec(s: str | None):
+    return None if s in (None, "stdlib") else s
+
+
+def _tokenizer(args):
+    from . import data
+    from .tokenizer import Tokenizer
+
+    if args.tok_verb != "train":
+        raise LmforgeError("usage: lmforge tokenizer train DATA --vocab-size N --out tokenizer.json")
+    spec = _data_spec(args.data)
+    data.discover(spec)  # fail early on a missing path
+    skipped = data.SkipCounter()
+    tok = Tokenizer.train(data.corpus_documents(spec, skipped), args.vocab_size, args.special)
+    if tok.vocab_size <= 256 + 1 + len(args.special):
+        raise LmforgeError(f"no usable text in {args.data}")
+    if skipped.files:
+        print(f"warning: skipped {skipped.files} file(s) that are binary or not valid UTF-8", file=sys.stderr)
+    tok.save(args.out)
+    print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}")
+
+
+def _prepare(args):
+    from . import data
+    from .io import atomic_path
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer)
+    if not 0 < args.val_fraction < 0.5:
+        raise LmforgeError("--val-fraction must be in (0, 0.5)")
+    stats = data.prepare(_data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty())
+    with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
+        tok.hf.save(str(tmp))
+    print(f"prepared {stats.documents} documents ({stats.bytes / 1e6:.1f} MB): {stats.train_tokens:,} train tokens, "
+          f"{stats.val_tokens:,} val tokens -> {args.out}")
+
+
+def _train(args, extra):
+    from . import config as C
+    from .training import train
+
+    overrides = C.parse_overrides(extra)
+    if args.resume:
+        if args.data or args.config or args.preset or overrides:
+            raise LmforgeError("--resume continues a run as it was configured; it takes no data, preset, config or overrides")
+        result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
+        return _train_exit(result, args)
+    name = args.preset or "tiny"
+    cfg = C.preset(name)
+    budget_given = {k for sec in overrides.values() for k in sec if k in BUDGET_KEYS}
+    if args.config:
+        file_cfg = C.load_file(args.config)
+        budget_given |= {k for k in file_cfg.get("train", {}) if k in BUDGET_KEYS}
+        cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
+    cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
+    out = Path(args.out) if args.out else _free_run_dir(Path("runs") / name)
+    result = train(cfg, out, data=_data_spec(args.data), stop_after_steps=args.stop_after_steps)
+    return _train_exit(result, args)
+
+
+def _train_exit(result, args) -> int:
+    """130 when a signal stopped the run, 0 when it finished or stopped where --stop-after-steps asked."""
+    if result.interrupted and (args.stop_after_steps is None or result.step < args.stop_after_steps):
+        return 130
+    return 0
+
+
+def _clear_budget(cfg, budget_given: set, d: dict) -> dict:
+    """A budget the user sets replaces the preset's: budget keys not given are cleared."""
+    if not budget_given:
+        return d
+    d = {k: dict(v) for k, v in d.items()}
+    train = d.setdefault("train", {})
+    for k in BUDGET_KEYS:
+        if k not in budget_given:
+            train[k] = None
+    return d
+
+
+def _free_run_dir(base: Path) -> Path:
+    if not (base / "model.safetensors").exists():
+        return base
+    n = 2
+    while (base.parent / f"{base.name}-{n}" / "model.safetensors").exists():
+        n += 1
+    return base.parent / f"{base.name}-{n}"
+
+
+def _generate(args):
+    import torch
+
+    from .generation import generate_stream
+    from .runs import load
+
+    model, tok = load(args.run, device=args.device)
+    temperature = 0.0 if args.greedy else args.temperature
+    if temperature < 0:
+        raise LmforgeError("--temperature must be >= 0")
+    if args.max_new_tokens < 1:
+        raise LmforgeError("--max-new-tokens must be at least 1")
+    torch.manual_seed(args.seed if args.seed is not None else torch.seed() % (2**31))
+
+    def run_one(prompt: str):
+        sys.stdout.write(prompt)
+        for piece in generate_stream(model, tok, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        run_one(args.prompt)
+        return
+    print("interactive mode: type a prompt and press Enter (Ctrl-D or Ctrl-C to quit)", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        run_one(prompt.replace("\\n", "\n"))
+
+
+def _eval(args):
+    from .evaluation import evaluate_text
+    from .runs import load
+
+    model, tok = load(args.run, device=args.device)
+    res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
+    print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
+
+
+def _presets():
+    from .config import PRESETS, preset
+    from .models import build_model
+
+    import torch
+
+    print(f"{'name':<14} {'params':>10}  description")
+    for name, (desc, _, _) in PRESETS.items():
+        cfg = preset(name).model
+        with torch.device("meta"):
+            n = build_model(cfg).num_params()
+        print(f"{name:<14} {n / 1e6:>9.1f}M  {desc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

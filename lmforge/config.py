@@ -1,0 +1,307 @@
+"""Configuration: plain dataclasses, named presets, TOML files and CLI overrides.
+
+A run is described by a `Config` with two sections, `model` and `train`, whose field
+names are the same in Python, in TOML files (`[model]`, `[train]` tables) and on the
+command line (`--n_layer 4` or `--model.n_layer=4`). Unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer. Defaults give a GPT-2 style model."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024  # longest sequence the model is trained on (context window)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query; 1 = multi-query
+    d_model: int = 768
+    d_ff: int | None = None  # feed-forward hidden size; None = 4 * d_model
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm with a bias (ignored for rmsnorm)
+    pos: str = "learned"  # learned | sinusoidal | rope | none
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"type": "linear", "factor": 2.0} or {"type": "llama3", ...}
+    mlp: str = "gelu"  # gelu | gelu_tanh | swiglu | geglu | relu2
+    bias: bool = True  # biases in the linear layers
+    qk_norm: bool = False
+    sliding_window: int | None = None  # a token attends to itself and at most this many previous tokens
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise LmforgeError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "ff_dim", "kv_heads"):
+            need(getattr(self, name) > 0, f"{name} must be positive")
+        need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        need(self.n_head % self.kv_heads == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r} (layernorm, rmsnorm)")
+        need(self.pos in ("learned", "sinusoidal", "rope", "none"), f"unknown pos {self.pos!r} (learned, sinusoidal, rope, none)")
+        need(self.mlp in ("gelu", "gelu_tanh", "swiglu", "geglu", "relu2"), f"unknown mlp {self.mlp!r} (gelu, gelu_tanh, swiglu, geglu, relu2)")
+        need(self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim")
+        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
+        need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. A run's length is set by max_steps, max_tokens or max_time (first reached ends it)."""
+
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int | None = None  # None = model block_size
+    tokens_per_step: int | None = None  # gradient accumulation up to this many tokens; None = one micro-batch
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_time: float | None = None  # seconds
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 100  # steps between validations (also at the end)
+    eval_batches: int = 8
+    log_interval: int = 10
+    sample_tokens: int = 120  # length of the sample printed at each evaluation (0 = none)
+    sample_prompt: str = ""
+    tokenizer_vocab_size: int = 4096  # tokenizer size when lmforge trains one for the run (the model vocabulary follows it)
+    val_fraction: float = 0.01
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    checkpoint_interval: int = 0  # steps between checkpoints; 0 = at each evaluation
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise LmforgeError(f"invalid train config: {msg}")
+
+        need(self.batch_size > 0, "batch_size must be positive")
+        need(self.seq_len is None or self.seq_len > 0, "seq_len must be positive")
+        for name in ("max_steps", "max_tokens", "max_time", "tokens_per_step"):
+            v = getattr(self, name)
+            need(v is None or v > 0, f"{name} must be positive")
+        need(self.lr > 0, "lr must be positive")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(self.eval_interval > 0 and self.log_interval > 0, "eval_interval and log_interval must be positive")
+        need(self.eval_batches > 0, "eval_batches must be positive")
+        need(0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
+        need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), f"unknown device {self.device!r}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        unknown = set(d) - {"model", "train"}
+        if unknown:
+            raise LmforgeError(f"unknown config section(s): {', '.join(sorted(unknown))} (expected model, train)")
+        return cls(model=_build(ModelConfig, d.get("model", {}), "model"), train=_build(TrainConfig, d.get("train", {}), "train"))
+
+
+# --- presets --------------------------------------------------------------------------------------
+
+_GPT2 = dict(norm="layernorm", pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=True)
+_LLAMA = dict(norm="rmsnorm", norm_eps=1e-5, pos="rope", rope_theta=10000.0, mlp="swiglu", bias=False, tie_embeddings=False)
+
+# name -> (description, model fields, train fields)
+PRESETS: dict[str, tuple[str, dict, dict]] = {
+    "tiny": (
+        "GPT-2 style, CPU-sized: the default, a few minutes on 2 cores",
+        dict(_GPT2, n_layer=4, n_head=4, d_model=192, block_size=256, vocab_size=4096),
+        dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
+    ),
+    "gpt2": ("GPT-2 small (124M)", dict(_GPT2, n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50304), dict(lr=6e-4, batch_size=8, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=50257)),
+    "gpt2-medium": ("GPT-2 medium (350M)", dict(_GPT2, n_layer=24, n_head=16, d_model=1024, block_size=1024, vocab_size=50304), dict(lr=3e-4, batch_size=4, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=50257)),
+    "llama-tiny": (
+        "Llama style (RoPE, RMSNorm, SwiGLU, GQA), CPU-sized",
+        dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=192, d_ff=512, block_size=256, vocab_size=4096),
+        dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
+    ),
+    "llama-small": (
+        "Llama style (RoPE, RMSNorm, SwiGLU, GQA), GPT-2 small sized",
+        dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, block_size=1024, vocab_size=32768),
+        dict(lr=6e-4, batch_size=8, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=32768),
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise LmforgeError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    _, m, t = PRESETS[name]
+    return Config(model=_build(ModelConfig, m, "model"), train=_build(TrainConfig, t, "train"))
+
+
+# --- loading and overrides ------------------------------------------------------------------------
+
+
+def load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"cannot parse config file {path}: {e}") from None
+
+
+def merge(cfg: Config, d: dict) -> Config:
+    """Return a copy of `cfg` with the sections/fields in `d` replaced (unknown keys are errors)."""
+    out = cfg.to_dict()
+    for section, values in d.items():
+        if section not in out:
+            raise LmforgeError(f"unknown config section {section!r} (expected model, train)")
+        if not isinstance(values, dict):
+            raise LmforgeError(f"config section {section!r} must be a table")
+        out[section].update(values)
+    return Config.from_dict(out)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ['--n_layer', '4', '--train.lr=1e-3', '--max-steps', '10'] into {'model': {...}, 'train': {...}}.
+
+    Values are strings here; they are converted to the field's type by `_build`.
+    A bare key is looked up in both sections and must name exactly one field.
+    """
+    out: dict[str, dict] = {"model": {}, "train": {}}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) <= 2:
+            raise LmforgeError(f"unexpected argument {a!r} (options look like --key value)")
+        key = a[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise LmforgeError(f"option --{key} needs a value")
+            value = args[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in out:
+                raise LmforgeError(f"unknown config section {section!r} in --{key}")
+        else:
+            name = key
+            owners = [s for s, c in (("model", ModelConfig), ("train", TrainConfig)) if name in _field_names(c)]
+            if not owners:
+                raise LmforgeError(f"unknown option --{key.replace('_', '-')}")
+            if len(owners) > 1:
+                raise LmforgeError(f"option --{key} is ambiguous; write --model.{key} or --train.{key}")
+            section = owners[0]
+        out[section][name] = value
+    return {k: v for k, v in out.items() if v}
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _build(cls, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise LmforgeError(f"config section {section!r} must be a table")
+    known = _field_names(cls)
+    unknown = set(values) - known
+    if unknown:
+        raise LmforgeError(f"unknown {section} config key(s): {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _convert(value, hint, name):
+    """Convert `value` (from TOML, JSON or a CLI string) to the type `hint`, or raise a clear error."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args and (typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise LmforgeError(f"config value {name} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if value != int(value):
+                    raise ValueError
+                return int(value)
+            if isinstance(value, str):
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                return int(f)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if base is dict or typing.get_origin(base) is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (ValueError, TypeError, json.JSONDecodeError):
+        tname = getattr(base, "__name__", str(base))
+        raise LmforgeError(f"config value {name} must be {tname}, got {value!r}") from None
+    return value

@@ -1,0 +1,106 @@
+"""Decoder-only transformer language model (GPT-2 and its modern descendants).
+
+One code path, chosen by `ModelConfig`: GPT-2 (learned positions, LayerNorm, GELU, tied
+head) by default; Llama-style with pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head < n_head.
+
+    tokens (B, T)
+      -> token embedding (+ learned or sinusoidal positions)   (B, T, d_model)
+      -> n_layer x Block: x + Attn(Norm(x)); x + MLP(Norm(x))  (pre-norm residual)
+      -> final Norm -> LM head                                  (B, T, vocab_size)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+        self.attn = Attention(cfg, layer_idx)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return x
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.pos == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled down by sqrt(2 * n_layer) so the residual stream keeps its size.
+        for block in self.blocks:
+            for lin in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if not embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        cfg = self.config
+        p = self.tok_emb.weight
+        return KVCache(cfg.n_layer, batch, cfg.kv_heads, cfg.head_dim, max_len, cfg.sliding_window,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues the cached positions."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        cfg = self.config
+        if self.pos_emb is not None or cfg.pos == "sinusoidal":
+            if start + T > cfg.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context window ({cfg.block_size})")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.tok_emb(idx)  # (B, T, d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        elif cfg.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        x = self.drop(x)
+        rope = rope_cos_sin(self.inv_freq, positions, x.dtype) if cfg.pos == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        if cfg.logit_softcap is not None:
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        return logits

@@ -1,0 +1,123 @@
+"""Run directories: a self-contained folder with everything needed to use a trained model.
+
+    runs/NAME/config.json        model + training configuration
+    runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format)
+    runs/NAME/model.safetensors  weights
+    runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
+    runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import Config
+from .errors import LmforgeError
+from .io import atomic_path, write_json_atomic
+from .models import build_model
+from .tokenizer import Tokenizer
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+WEIGHTS = "model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    write_json_atomic(Path(run_dir) / CONFIG, {"lmforge_version": __version__, "family": "decoder", **cfg.to_dict()})
+
+
+def load_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LmforgeError(f"run directory not found: {run_dir}")
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise LmforgeError(f"{run_dir} is not a run directory (no {CONFIG})")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"corrupt {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise LmforgeError(f"corrupt {path}: not a JSON object")
+    d = {k: v for k, v in d.items() if k in ("model", "train")}
+    cfg = Config.from_dict(d)
+    cfg.validate()
+    return cfg
+
+
+def weights_for_saving(model) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (safetensors stores each tensor once)."""
+    sd = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_weights(path: Path, model, metadata: dict | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file(weights_for_saving(model), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(path: Path, model) -> dict:
+    """Load safetensors weights into model (strict), returning the file's metadata."""
+    if not path.is_file():
+        raise LmforgeError(f"missing weights file {path}")
+    try:
+        sd = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmforgeError(f"corrupt or truncated weights file {path}: {e}") from None
+    if getattr(model.config, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    expected = set(weights_for_saving(model))
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise LmforgeError(f"weights in {path} do not match the model config (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})")
+    for k, v in sd.items():
+        want = model.state_dict()[k].shape
+        if v.shape != want:
+            raise LmforgeError(f"weights in {path} do not match the model config: {k} has shape {tuple(v.shape)}, expected {tuple(want)}")
+    model.load_state_dict(sd, strict=False)
+    return meta
+
+
+def save_trainer_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_trainer_state(path: Path) -> dict:
+    if not path.is_file():
+        raise LmforgeError(f"missing trainer state {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip or a pickle we refuse to run
+        raise LmforgeError(f"corrupt trainer state {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(run_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(Path(run_dir) / TOKENIZER)
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a run directory; the model is in eval mode on `device`."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise LmforgeError(f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}")
+    model = build_model(cfg.model)
+    load_weights(run_dir / WEIGHTS, model)
+    model.to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,58 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.tokenizer import Tokenizer
+
+torch.set_num_threads(2)
+
+SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the robot", "a child"]
+VERBS = ["sees", "likes", "finds", "draws", "follows"]
+OBJECTS = ["the ball", "a tree", "the moon", "a red box", "the river", "an old map"]
+
+
+def structured_text(n_lines: int, seed: int = 0) -> str:
+    """Simple grammar text: predictable structure, so a tiny model can learn it quickly."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        lines.append(f"{i % 10}: {rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}.")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for k in range(6):
+        (d / f"part{k}.txt").write_text(structured_text(400, seed=k), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(corpus_dir) -> Tokenizer:
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    return Tokenizer.train(texts, 320)
+
+
+TINY_ARGS = ["--n_layer", "2", "--n_head", "2", "--d_model", "64", "--block_size", "64", "--batch_size", "8",
+             "--tokenizer_vocab_size", "320", "--eval_interval", "20", "--eval_batches", "2", "--sample_tokens", "16",
+             "--warmup_steps", "5", "--log_interval", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_dir) -> Path:
+    """A run trained for a few steps through the CLI, shared by tests that only read it."""
+    root = tmp_path_factory.mktemp("runs")
+    out = root / "tiny"
+    code = main(["train", str(corpus_dir), "--out", str(out), "--max-steps", "30", *TINY_ARGS])
+    assert code == 0
+    return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -1,0 +1,70 @@
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.generation import generate_tokens, sample_next_token
+from lmforge.models import build_model
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, d_model=32, **kw)
+    return build_model(cfg).eval()
+
+
+def test_causality():
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 40))
+    base = model(x)
+    for t in (0, 17, 39):
+        x2 = x.clone()
+        x2[:, t] = (x2[:, t] + 1) % 97
+        out = model(x2)
+        assert torch.equal(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+def test_cached_forward_equals_full():
+    model = tiny_model()
+    x = torch.randint(0, 97, (3, 30))
+    full = model(x)
+    cache = model.new_cache(3, 48)
+    parts = [model(x[:, :11], cache)] + [model(x[:, t: t + 1], cache) for t in range(11, 30)]
+    assert cache.pos == 30
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def test_greedy_cached_generation_equals_recomputation():
+    model = tiny_model()
+    prompt = [5, 7, 11, 13]
+    cached = list(generate_tokens(model, prompt, 30, temperature=0.0))
+    seq = list(prompt)
+    for _ in range(30):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert cached == seq[len(prompt):]
+
+
+def test_parameter_count_and_tied_head():
+    model = tiny_model()
+    assert model.lm_head.weight is model.tok_emb.weight
+    d, L, V, T = 32, 2, 97, 48
+    per_block = 12 * d * d + 13 * d  # qkv+proj+mlp weights and biases, two layernorms
+    assert model.num_params() == V * d + T * d + L * per_block + 2 * d
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, block_size=16, n_layer=8, n_head=4, d_model=256))
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.down.weight.std().item() - 0.02 / 4) < 0.001
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_next_token(logits, 1.0, top_k=2, generator=g)) for _ in range(200)} == {3, 4}
+    assert {int(sample_next_token(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)} == {4}
+    assert int(sample_next_token(logits, 0.0)) == 4
+    a = [int(sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))) for _ in range(5)]
+    b = [int(sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))) for _ in range(5)]
+    assert a == b
