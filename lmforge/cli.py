@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
 
     sub.add_parser("presets", help="list the named model presets")
+
+    cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
+    direction = cv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 or Llama folder to import")
+    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
+    cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
     return p
 
 
@@ -124,6 +130,8 @@ def _dispatch(args, extra):
         return _eval(args)
     if args.verb == "presets":
         return _presets()
+    if args.verb == "convert":
+        return _convert(args)
 
 
 def _data_spec(s: str | None):
@@ -256,6 +264,17 @@ def _eval(args):
     model, tok = load(args.run, device=args.device)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
+
+
+def _convert(args):
+    from . import interop
+
+    if args.from_hf:
+        out = interop.from_hf(args.from_hf, args.out)
+        print(f"converted {args.from_hf} -> lmforge run {out}")
+    else:
+        out = interop.to_hf(args.to_hf, args.out)
+        print(f"converted {args.to_hf} -> Hugging Face folder {out}")
 
 
 def _presets():

@@ -1,0 +1,324 @@
+"""Hugging Face interop: convert GPT-2 and Llama checkpoints to lmforge run directories and back.
+
+Only tensors are read: safetensors files, or `torch.load(weights_only=True)` for .bin files, so a
+checkpoint can never run code. Name mapping per family:
+
+    lmforge                          GPT-2 (GPT2LMHeadModel)            Llama (LlamaForCausalLM)
+    tok_emb                          transformer.wte                    model.embed_tokens
+    pos_emb                          transformer.wpe                    -
+    blocks.i.norm1                   transformer.h.i.ln_1               model.layers.i.input_layernorm
+    blocks.i.attn.qkv  [q; k; v]     transformer.h.i.attn.c_attn (T)    model.layers.i.self_attn.{q,k,v}_proj
+    blocks.i.attn.proj               transformer.h.i.attn.c_proj (T)    model.layers.i.self_attn.o_proj
+    blocks.i.norm2                   transformer.h.i.ln_2               model.layers.i.post_attention_layernorm
+    blocks.i.mlp.gate / up / down    - / mlp.c_fc (T) / mlp.c_proj (T)  model.layers.i.mlp.{gate,up,down}_proj
+    norm                             transformer.ln_f                   model.norm
+    lm_head                          lm_head                            lm_head
+
+(T) = GPT-2's Conv1D stores weights transposed relative to nn.Linear.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import Config, ModelConfig, TrainConfig
+from .errors import LmforgeError
+from .io import atomic_path, write_json_atomic
+from .models import build_model
+from .runs import TOKENIZER, WEIGHTS, load_config, load_tokenizer, load_weights, save_config, save_weights
+from .tokenizer import Tokenizer
+
+
+# --- reading a Hugging Face folder ----------------------------------------------------------------
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"corrupt {path}: {e}") from None
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, sharded safetensors, or pytorch_model*.bin (never unpickled)."""
+    files = sorted(hf_dir.glob("*.safetensors"))
+    loader = _load_safetensors
+    if not files:
+        files = sorted(hf_dir.glob("pytorch_model*.bin"))
+        loader = _load_bin
+    if not files:
+        raise LmforgeError(f"no weights in {hf_dir} (expected *.safetensors or pytorch_model*.bin)")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(loader(f))
+    return out
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"corrupt weights file {path}: {e}") from None
+
+
+def _load_bin(path: Path) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LmforgeError(f"cannot read {path} as plain tensors: {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict):
+        raise LmforgeError(f"{path} does not hold a state dict")
+    return sd
+
+
+def read_hf_tokenizer(hf_dir: Path) -> Tokenizer:
+    if (hf_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(hf_dir / "tokenizer.json")
+    if (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():  # GPT-2 style files
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return Tokenizer(tok)
+    raise LmforgeError(f"no tokenizer in {hf_dir} (expected tokenizer.json, or vocab.json + merges.txt)")
+
+
+# --- config mapping -------------------------------------------------------------------------------
+
+
+def _unsupported(what: str):
+    raise LmforgeError(f"unsupported Hugging Face model: {what}")
+
+
+def _family(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    kind = hf.get("model_type", "")
+    if kind == "gpt2" or "GPT2LMHeadModel" in archs:
+        return "gpt2"
+    if kind == "llama" or "LlamaForCausalLM" in archs:
+        return "llama"
+    _unsupported(f"architecture {', '.join(archs) or kind or 'unknown'} (supported: GPT2LMHeadModel, LlamaForCausalLM)")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers 4 (rope_theta + rope_scaling) or 5 (rope_parameters) configs."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float(merged["factor"])}
+    if kind == "llama3":
+        return theta, {"type": "llama3", "factor": float(merged["factor"]), "low_freq_factor": float(merged["low_freq_factor"]),
+                       "high_freq_factor": float(merged["high_freq_factor"]),
+                       "original_max_position_embeddings": int(merged["original_max_position_embeddings"])}
+    _unsupported(f"rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    family = _family(hf)
+    if family == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act)
+        if mlp is None:
+            _unsupported(f"GPT-2 activation_function {act!r}")
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+            _unsupported("GPT-2 attention scaling options (scale_attn_weights=False or scale_attn_by_inverse_layer_idx)")
+        if hf.get("add_cross_attention"):
+            _unsupported("GPT-2 with cross-attention")
+        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"], n_head=hf["n_head"],
+                           d_model=hf["n_embd"], d_ff=hf.get("n_inner"), norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           pos="learned", mlp=mlp, bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0)
+    # llama
+    if hf.get("hidden_act", "silu") != "silu":
+        _unsupported(f"Llama hidden_act {hf.get('hidden_act')!r} (only silu)")
+    n_head, d = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, d // n_head):
+        _unsupported(f"Llama head_dim {hf['head_dim']} different from hidden_size / num_attention_heads ({d // n_head})")
+    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        _unsupported("Llama with attention_bias different from mlp_bias")
+    theta, scaling = _rope_from_hf(hf)
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
+                       n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d, d_ff=hf["intermediate_size"],
+                       norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=theta, rope_scaling=scaling,
+                       mlp="swiglu", bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                       dropout=0.0)
+
+
+def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
+    """The transformers config.json for an lmforge model config, or a clear error naming what does not fit."""
+    problems = []
+    if cfg.qk_norm:
+        problems.append("qk_norm")
+    if cfg.sliding_window:
+        problems.append("sliding_window")
+    if cfg.attn_softcap or cfg.logit_softcap:
+        problems.append("softcapping")
+    gpt2_like = cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp in ("gelu", "gelu_tanh") and cfg.bias and cfg.norm_bias \
+        and cfg.kv_heads == cfg.n_head
+    llama_like = cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu"
+    if not (gpt2_like or llama_like):
+        problems.append(f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias} (GPT-2 needs layernorm/learned/gelu/bias; "
+                        f"Llama needs rmsnorm/rope/swiglu)")
+    if llama_like and cfg.rope_scaling and cfg.rope_scaling.get("type") not in ("linear", "llama3"):
+        problems.append(f"rope scaling {cfg.rope_scaling.get('type')!r}")
+    if problems:
+        raise LmforgeError("cannot export to Hugging Face: unsupported " + "; ".join(problems))
+    if gpt2_like:
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
+                "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ff_dim,
+                "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu", "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings,
+                "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+           "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+           "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+    if cfg.rope_scaling:
+        sc = dict(cfg.rope_scaling)
+        sc["rope_type"] = sc.pop("type")
+        out["rope_scaling"] = sc
+    return out
+
+
+# --- weight mapping -------------------------------------------------------------------------------
+
+
+def _gpt2_names(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(lmforge name, HF name, transposed) for every GPT-2 tensor."""
+    names = [("tok_emb.weight", "transformer.wte.weight", False), ("pos_emb.weight", "transformer.wpe.weight", False)]
+    for i in range(cfg.n_layer):
+        h = f"transformer.h.{i}."
+        b = f"blocks.{i}."
+        names += [(b + "norm1.weight", h + "ln_1.weight", False), (b + "norm1.bias", h + "ln_1.bias", False),
+                  (b + "attn.qkv.weight", h + "attn.c_attn.weight", True), (b + "attn.qkv.bias", h + "attn.c_attn.bias", False),
+                  (b + "attn.proj.weight", h + "attn.c_proj.weight", True), (b + "attn.proj.bias", h + "attn.c_proj.bias", False),
+                  (b + "norm2.weight", h + "ln_2.weight", False), (b + "norm2.bias", h + "ln_2.bias", False),
+                  (b + "mlp.up.weight", h + "mlp.c_fc.weight", True), (b + "mlp.up.bias", h + "mlp.c_fc.bias", False),
+                  (b + "mlp.down.weight", h + "mlp.c_proj.weight", True), (b + "mlp.down.bias", h + "mlp.c_proj.bias", False)]
+    names += [("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
+    if not cfg.tie_embeddings:
+        names.append(("lm_head.weight", "lm_head.weight", False))
+    return names
+
+
+def _llama_names(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(lmforge name, HF name, transposed) for Llama tensors other than the fused qkv."""
+    names = [("tok_emb.weight", "model.embed_tokens.weight", False)]
+    for i in range(cfg.n_layer):
+        h = f"model.layers.{i}."
+        b = f"blocks.{i}."
+        names += [(b + "norm1.weight", h + "input_layernorm.weight", False), (b + "norm2.weight", h + "post_attention_layernorm.weight", False),
+                  (b + "attn.proj.weight", h + "self_attn.o_proj.weight", False), (b + "mlp.gate.weight", h + "mlp.gate_proj.weight", False),
+                  (b + "mlp.up.weight", h + "mlp.up_proj.weight", False), (b + "mlp.down.weight", h + "mlp.down_proj.weight", False)]
+        if cfg.bias:
+            names += [(b + "attn.proj.bias", h + "self_attn.o_proj.bias", False), (b + "mlp.gate.bias", h + "mlp.gate_proj.bias", False),
+                      (b + "mlp.up.bias", h + "mlp.up_proj.bias", False), (b + "mlp.down.bias", h + "mlp.down_proj.bias", False)]
+    names.append(("norm.weight", "model.norm.weight", False))
+    if not cfg.tie_embeddings:
+        names.append(("lm_head.weight", "lm_head.weight", False))
+    return names
+
+
+def _take(hf_sd: dict, name: str) -> torch.Tensor:
+    if name not in hf_sd:
+        raise LmforgeError(f"Hugging Face weights are missing tensor {name}")
+    return hf_sd[name]
+
+
+def state_dict_from_hf(cfg: ModelConfig, family: str, hf_sd: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    names = _gpt2_names(cfg) if family == "gpt2" else _llama_names(cfg)
+    for ours, theirs, transposed in names:
+        t = _take(hf_sd, theirs)
+        out[ours] = t.t().contiguous() if transposed else t
+    if family == "llama":
+        for i in range(cfg.n_layer):
+            a = f"model.layers.{i}.self_attn."
+            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([_take(hf_sd, a + f"{p}_proj.weight") for p in "qkv"])
+            if cfg.bias:
+                out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([_take(hf_sd, a + f"{p}_proj.bias") for p in "qkv"])
+    return out
+
+
+def state_dict_to_hf(cfg: ModelConfig, family: str, sd: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    names = _gpt2_names(cfg) if family == "gpt2" else _llama_names(cfg)
+    for ours, theirs, transposed in names:
+        t = sd[ours]
+        out[theirs] = t.t().contiguous() if transposed else t.contiguous()
+    if family == "llama":
+        q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        for i in range(cfg.n_layer):
+            a = f"model.layers.{i}.self_attn."
+            for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+                parts = sd[f"blocks.{i}.attn.qkv.{suffix}"].split([q, kv, kv])
+                for p, t in zip("qkv", parts):
+                    out[a + f"{p}_proj.{suffix}"] = t.contiguous()
+    return out
+
+
+# --- the two conversions --------------------------------------------------------------------------
+
+
+def from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
+    """Convert a Hugging Face GPT-2 / Llama folder into an lmforge run directory."""
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if not hf_dir.is_dir():
+        raise LmforgeError(f"Hugging Face folder not found: {hf_dir}")
+    if (run_dir / WEIGHTS).exists():
+        raise LmforgeError(f"{run_dir} already holds a model; choose another --out")
+    hf = read_hf_config(hf_dir)
+    family = _family(hf)
+    cfg = model_config_from_hf(hf)
+    cfg.validate()
+    tokenizer = read_hf_tokenizer(hf_dir)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LmforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
+    sd = state_dict_from_hf(cfg, family, read_hf_weights(hf_dir))
+    model = build_model(cfg)
+    expected = model.state_dict()
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise LmforgeError(f"Hugging Face tensor for {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir / TOKENIZER)
+    save_config(run_dir, Config(model=cfg, train=TrainConfig()))
+    save_weights(run_dir / WEIGHTS, model, {"source": f"huggingface:{family}"})
+    return run_dir
+
+
+def to_hf(run_dir: str | Path, hf_dir: str | Path) -> Path:
+    """Write a folder that transformers loads with from_pretrained (config.json, model.safetensors, tokenizer)."""
+    run_dir, hf_dir = Path(run_dir), Path(hf_dir)
+    cfg = load_config(run_dir).model
+    tokenizer = load_tokenizer(run_dir)
+    hf_cfg = hf_config_from_model(cfg, tokenizer.eos_id)
+    family = hf_cfg["model_type"]
+    model = build_model(cfg)
+    load_weights(run_dir / WEIGHTS, model)
+    sd = state_dict_to_hf(cfg, family, model.state_dict())
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(hf_dir / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(hf_dir / "config.json", hf_cfg)
+    shutil.copyfile(run_dir / TOKENIZER, hf_dir / "tokenizer.json")
+    write_json_atomic(hf_dir / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+                                                         "bos_token": tokenizer.eos_token, "model_max_length": cfg.block_size})
+    return hf_dir

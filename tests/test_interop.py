@@ -1,0 +1,155 @@
+"""Hugging Face parity: reference models are built from configs with random weights, offline."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge import interop  # noqa: E402
+from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.generation import generate_tokens  # noqa: E402
+from lmforge.runs import load  # noqa: E402
+
+from conftest import run_cli  # noqa: E402
+
+VOCAB = 384  # >= the test tokenizer's 320 tokens
+
+
+def gpt2_reference(**kw):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.1,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama_reference(**kw):
+    args = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, initializer_range=0.1, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+    args.update(kw)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
+
+
+REFERENCES = {
+    "gpt2": lambda: gpt2_reference(),
+    "gpt2-untied-gelu": lambda: gpt2_reference(tie_word_embeddings=False, activation_function="gelu", n_inner=96),
+    "llama-gqa": lambda: llama_reference(),
+    "llama-mqa-tied-bias": lambda: llama_reference(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "llama-rope-linear": lambda: llama_reference(rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5000.0),
+    "llama-rope-llama3": lambda: llama_reference(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def save_reference(model, path, small_tokenizer, safe=True):
+    model.eval()
+    model.save_pretrained(path)
+    if not safe:  # the older pytorch_model.bin layout (recent transformers only write safetensors)
+        from safetensors.torch import load_file
+
+        (st,) = path.glob("*.safetensors")
+        torch.save(load_file(st), path / "pytorch_model.bin")
+        st.unlink()
+    small_tokenizer.save(path / "tokenizer.json")
+    return path
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_logits_match_transformers(name, tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    ref = REFERENCES[name]().eval()
+    save_reference(ref, tmp_path / "hf", small_tokenizer)
+    run = interop.from_hf(tmp_path / "hf", tmp_path / "run")
+    model, tok = load(run)
+    assert tok.vocab_size == small_tokenizer.vocab_size
+
+    x = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x).logits
+        got = model(x)
+    assert (got - want).abs().max().item() < 1e-4
+
+    # step-by-step cached decoding agrees with the reference's full forward at every position
+    cache = model.new_cache(3, 40)
+    with torch.no_grad():
+        steps = [model(x[:, :8], cache)] + [model(x[:, t: t + 1], cache) for t in range(8, 40)]
+    assert (torch.cat(steps, 1) - want).abs().max().item() < 1e-4
+
+    # greedy generation is identical token for token (reference uses its own cache)
+    prompt = x[0, :10]
+    ref.generation_config.eos_token_id = None  # run the full length on both sides
+    with torch.no_grad():
+        theirs = ref.generate(prompt[None], max_new_tokens=24, do_sample=False, pad_token_id=0)[0, 10:].tolist()
+    assert len(theirs) == 24
+    ours = list(generate_tokens(model, prompt.tolist(), 24, temperature=0.0, eos_id=None))
+    assert ours == theirs
+
+
+def test_bin_weights_are_read_without_pickle(tmp_path, small_tokenizer):
+    ref = gpt2_reference().eval()
+    save_reference(ref, tmp_path / "hf", small_tokenizer, safe=False)
+    assert list((tmp_path / "hf").glob("*.bin")) and not list((tmp_path / "hf").glob("*.safetensors"))
+    model, _ = load(interop.from_hf(tmp_path / "hf", tmp_path / "run"))
+    x = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-rope-llama3", "llama-mqa-tied-bias"])
+def test_round_trip_is_bit_identical(name, tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    save_reference(REFERENCES[name](), tmp_path / "hf", small_tokenizer)
+    run1 = interop.from_hf(tmp_path / "hf", tmp_path / "run1")
+    hf2 = interop.to_hf(run1, tmp_path / "hf2")
+    run2 = interop.from_hf(hf2, tmp_path / "run2")
+    m1, _ = load(run1)
+    m2, _ = load(run2)
+    sd1, sd2 = m1.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    # and transformers loads the exported folder and agrees with lmforge
+    ref2 = transformers.AutoModelForCausalLM.from_pretrained(hf2).eval()
+    x = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert (ref2(x).logits - m1(x)).abs().max().item() < 1e-4
+    tok2 = transformers.AutoTokenizer.from_pretrained(hf2)
+    assert tok2.encode("the cat sees the moon") == load(run1)[1].encode("the cat sees the moon")
+
+
+def test_unsupported_models_give_clear_errors(tmp_path, small_tokenizer, capsys):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    code, _, err = run_cli(capsys, "convert", "--from-hf", d, "--out", tmp_path / "r")
+    assert code == 1 and "unsupported Hugging Face model: architecture BertForMaskedLM" in err
+    g = save_reference(gpt2_reference(activation_function="relu"), tmp_path / "relu", small_tokenizer)
+    with pytest.raises(LmforgeError, match="activation_function 'relu'"):
+        interop.from_hf(g, tmp_path / "r2")
+    ll = save_reference(llama_reference(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
+                        tmp_path / "yarn", small_tokenizer)
+    with pytest.raises(LmforgeError, match="rope scaling type 'yarn'"):
+        interop.from_hf(ll, tmp_path / "r3")
+    code, _, err = run_cli(capsys, "convert", "--from-hf", tmp_path / "missing", "--out", tmp_path / "r4")
+    assert code == 1 and "not found" in err
+
+
+def test_export_rejects_options_hf_cannot_express(tiny_run, tmp_path, capsys):
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    cfg["model"]["qk_norm"] = True
+    run = tmp_path / "qk"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "model.safetensors"):
+        (run / f).write_bytes((tiny_run / f).read_bytes())
+    code, _, err = run_cli(capsys, "convert", "--to-hf", run, "--out", tmp_path / "hf")
+    assert code == 1 and "unsupported qk_norm" in err
+
+
+def test_cli_convert_round_trip(tiny_run, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "convert", "--to-hf", tiny_run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "convert", "--from-hf", tmp_path / "hf", "--out", tmp_path / "back")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "generate", tmp_path / "back", "--prompt", "1: the", "--max-new-tokens", 5, "--greedy")
+    assert code == 0 and out.startswith("1: the")
