@@ -101,6 +101,15 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = at each evaluation
+    keep_checkpoints: int = 3  # most recent checkpoints kept (plus the best by validation loss)
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)
+    compile: bool = False  # torch.compile the model for training and evaluation
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    parallel: str = "ddp"  # ddp | fsdp, used under torchrun with more than one process
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -119,6 +128,11 @@ class TrainConfig:
         need(self.eval_batches > 0, "eval_batches must be positive")
         need(0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
         need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), f"unknown device {self.device!r}")
+        need(self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r} (adamw, muon)")
+        need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r} (auto, fp32, bf16, fp16)")
+        need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r} (ddp, fsdp)")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
+        need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
 
 
 @dataclass

@@ -412,11 +412,17 @@ class TokenData:
             if top >= vocab_size:
                 raise LmforgeError(f"shard token id {top} is outside the model vocabulary ({vocab_size})")
 
-    def batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows (x, y) of shape (batch_size, seq_len); y is x shifted by one."""
+    def batch(self, batch_size: int, seq_len: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows (x, y) of shape (batch_size, seq_len); y is x shifted by one.
+
+        Under data parallelism every rank draws the same world x batch_size window starts (same
+        generator state) and reads only its own share, so the global batch equals a
+        single-process batch of world x batch_size.
+        """
         usable = np.maximum(self.lengths - seq_len, 0)  # number of valid start positions per shard
         cum = np.cumsum(usable)
-        starts = torch.randint(0, int(cum[-1]), (batch_size,), generator=generator).numpy()
+        starts = torch.randint(0, int(cum[-1]), (batch_size * world,), generator=generator).numpy()
+        starts = starts[rank * batch_size: (rank + 1) * batch_size]
         rows = []
         for s in starts:
             k = int(np.searchsorted(cum, s, side="right"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -16,13 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from . import data as datamod
+from .checkpoint import load_latest, save_checkpoint
 from .config import Config
+from .distributed import any_rank, barrier, init_distributed, mean_across_ranks, shutdown, wrap_model
 from .errors import LmforgeError
 from .generation import generate
 from .io import write_json_atomic
 from .models import build_model
-from .runs import (METRICS, TOKENIZER, TRAINER_STATE, WEIGHTS, load_config, load_trainer_state, load_weights, save_config,
-                   save_trainer_state, save_weights)
+from .optim import build_optimizers
+from .perf import choose_precision, cpu_has_native_bf16, flops_per_token, peak_flops
+from .runs import METRICS, TOKENIZER, WEIGHTS, load_config, save_config
 from .tokenizer import Tokenizer
 
 TOKENIZER_SAMPLE_CHARS = 50_000_000  # text used to learn the BPE merges (the whole default corpus fits)
@@ -86,26 +90,15 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
 # --- optimisation ---------------------------------------------------------------------------------
 
 
-def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrix weights only (not on norms, biases or embeddings)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+def lr_factor(cfg, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def lr_at(cfg, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio as progress goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    progress = min(max(progress, 0.0), 1.0)
-    cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * warm * cosine
+    return cfg.lr * lr_factor(cfg, step, progress)
 
 
 def lm_loss(model, x, y, reduction: str = "mean"):
@@ -115,7 +108,7 @@ def lm_loss(model, x, y, reduction: str = "mean"):
 
 @torch.no_grad()
 def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batches: int, byte_lengths: torch.Tensor | None,
-             device) -> dict:
+             device, autocast=contextlib.nullcontext) -> dict:
     """Mean loss, perplexity and bits per byte on fixed windows (same windows at every call)."""
     was_training = model.training
     model.eval()
@@ -125,7 +118,8 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     for _ in range(batches):
         x, y = data.batch(batch_size, seq_len, gen)
         x, y = x.to(device), y.to(device)
-        nats += lm_loss(model, x, y, reduction="sum").item()
+        with autocast():
+            nats += lm_loss(model, x, y, reduction="sum").item()
         count += y.numel()
         if byte_lengths is not None:
             nbytes += int(byte_lengths[y.cpu()].sum())
@@ -135,6 +129,14 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     if nbytes:
         out["val_bpb"] = nats / math.log(2) / nbytes
     return out
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A context-manager factory: autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -189,14 +191,58 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Metrics:
+    """metrics.jsonl always; TensorBoard too when asked for and installed. Only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, log):
+        self.path = run_dir / METRICS
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log("warning: --tensorboard needs the tensorboard package (pip install tensorboard); writing metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        _append_metrics(self.path, record)
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
 def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cache_root: str | Path | None = None,
           stop_after_steps: int | None = None, log=print) -> RunResult:
     """Train (or resume) a run in run_dir on data (None = the default corpus).
 
     stop_after_steps ends the run at that step as if interrupted (checkpoint saved, schedule
-    unchanged), so a long run can be done in chunks with resume.
+    unchanged), so a long run can be done in chunks with resume. Under torchrun with several
+    processes, each trains on its share of every batch (DDP or FSDP2); rank 0 logs and saves.
     """
     run_dir = Path(run_dir)
+    tc_device = pick_device((load_config(run_dir) if resume else cfg).train.device)
+    dist_info = init_distributed(tc_device.type)
+    if dist_info.enabled and tc_device.type == "cuda":
+        tc_device = torch.device("cuda", dist_info.local_rank)
+    main = dist_info.is_main
+    say = log if main else (lambda *_: None)
+    try:
+        return _train(cfg, run_dir, data, resume, cache_root, stop_after_steps, say, tc_device, dist_info)
+    finally:
+        shutdown(dist_info)
+
+
+def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, device, dist_info) -> RunResult:
+    main = dist_info.is_main
     if resume:
         cfg = load_config(run_dir)
         tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
@@ -207,7 +253,12 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
         if (run_dir / WEIGHTS).exists():
             raise LmforgeError(f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run")
         cfg.validate()
-        shard_dir, tokenizer = ensure_data(data, cfg.train, Path(cache_root) if cache_root else run_dir.parent / "cache", log)
+        cache = Path(cache_root) if cache_root else run_dir.parent / "cache"
+        if main:
+            shard_dir, tokenizer = ensure_data(data, cfg.train, cache, log)
+        barrier(dist_info)
+        if not main:  # the data is ready now; other ranks just open it
+            shard_dir, tokenizer = ensure_data(data, cfg.train, cache, lambda *_: None)
         cfg.model.vocab_size = round_up(tokenizer.vocab_size)
     tc = cfg.train
     if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
@@ -221,37 +272,58 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
     if val_data.total < 2:
         raise LmforgeError(f"validation split in {shard_dir} is empty")
 
-    device = pick_device(tc.device)
+    precision = choose_precision(tc.precision, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise LmforgeError("fp16 training needs a CUDA device (use bf16 or fp32)")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log("warning: this CPU has no native bf16 matrix instructions; bf16 will be much slower than fp32")
+    autocast = autocast_for(device, precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
-    optimizer = make_optimizer(model, tc, device)
+    model = build_model(cfg.model)
+    model.activation_checkpointing = tc.activation_checkpointing
+    step, tokens, elapsed, best = 0, 0, 0.0, None
+    state = None
+    if resume:
+        state = load_latest(run_dir, model)
+    model.to(device)
+    wrapped = wrap_model(model, tc.parallel, dist_info, device)
+    optimizers = build_optimizers(model, tc, device)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    micro_tokens = tc.batch_size * seq_len
+    micro_tokens = tc.batch_size * seq_len * dist_info.world
     accum = max(1, math.ceil((tc.tokens_per_step or micro_tokens) / micro_tokens))
     step_tokens = accum * micro_tokens
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
 
-    step, tokens, elapsed = 0, 0, 0.0
-    if resume:
-        state = load_trainer_state(run_dir / TRAINER_STATE)
-        meta = load_weights(run_dir / WEIGHTS, model)
-        if int(meta.get("step", -1)) != state["step"]:
-            raise LmforgeError(f"checkpoint in {run_dir} is inconsistent (weights at step {meta.get('step')}, trainer state at {state['step']})")
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        for opt, sd in zip(optimizers, state["optimizers"]):
+            _load_optim_state(model, opt, sd, dist_info, tc)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         data_gen.set_state(state["data_rng"])
         _set_rng_state(state["rng"])
-        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        _truncate_metrics(run_dir / METRICS, step)
+        step, tokens, elapsed, best = state["step"], state["tokens"], state["elapsed"], state.get("best_val_loss")
+        if main:
+            _truncate_metrics(run_dir / METRICS, step)
         log(f"resuming {run_dir} at step {step} ({tokens:,} tokens, {elapsed:.0f}s)")
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shard_dir / TOKENIZER, run_dir / TOKENIZER) if (shard_dir / TOKENIZER).is_file() else tokenizer.save(run_dir / TOKENIZER)
         write_json_atomic(run_dir / "data.json", {"shards": str(shard_dir.resolve()), "data": None if data is None else str(data)})
         save_config(run_dir, cfg)
+    barrier(dist_info)
 
+    fwd = torch.compile(wrapped) if tc.compile else wrapped
+    flops_tok = flops_per_token(cfg.model, seq_len)
+    peak = peak_flops(device, precision)
+    metrics = _Metrics(run_dir, main, tc.tensorboard, log)
     log(f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
-        f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}; device {device}")
-    log(f"train: {train_data.total:,} tokens; {step_tokens:,} tokens per step ({tc.batch_size} x {seq_len} x {accum} accumulation)")
+        f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}; device {device}, {precision}"
+        + (f", {dist_info.world} processes ({tc.parallel})" if dist_info.enabled else "") + (", compiled" if tc.compile else ""))
+    log(f"train: {train_data.total:,} tokens; {step_tokens:,} tokens per step "
+        f"({tc.batch_size} x {seq_len}{f' x {dist_info.world} ranks' if dist_info.enabled else ''} x {accum} accumulation); "
+        f"optimizer {tc.optimizer}")
 
     def progress_of(step, tokens, elapsed):
         parts = [0.0]
@@ -263,77 +335,142 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
             parts.append(elapsed / tc.max_time)
         return max(parts)
 
-    def checkpoint():
-        save_weights(run_dir / WEIGHTS, model, {"step": step})
-        save_trainer_state(run_dir / TRAINER_STATE, {
-            "step": step, "tokens": tokens, "elapsed": elapsed, "optimizer": optimizer.state_dict(),
-            "data_rng": data_gen.get_state(), "rng": _rng_state(),
-        })
+    def checkpoint(val_loss=None):
+        nonlocal best
+        if val_loss is not None and (best is None or val_loss < best):
+            best = val_loss
+        state = {"step": step, "tokens": tokens, "elapsed": elapsed, "optimizers": [_full_optim_state(model, o, dist_info, tc) for o in optimizers],
+                 "scaler": scaler.state_dict() if scaler is not None else {}, "data_rng": data_gen.get_state(), "rng": _rng_state(),
+                 "best_val_loss": best}
+        full_model = _FullStateModel(model, dist_info, tc)
+        if main:
+            save_checkpoint(run_dir, full_model, state, keep=tc.keep_checkpoints, val_loss=val_loss)
+        barrier(dist_info)
 
     def run_eval():
-        res = evaluate(model, val_data, tc.batch_size, seq_len, tc.eval_batches, byte_lengths, device)
+        res = evaluate(fwd, val_data, tc.batch_size, seq_len, tc.eval_batches, byte_lengths, device, autocast)
         res.update(step=step, tokens=tokens, elapsed=round(elapsed, 2))
-        _append_metrics(run_dir / METRICS, res)
+        metrics.write(res)
         bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
         log(f"eval step {step}: val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}")
-        if tc.sample_tokens:
+        if tc.sample_tokens and not (dist_info.enabled and tc.parallel == "fsdp"):  # a sharded model cannot generate alone
             model.eval()
-            sample = generate(model, tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
+            with autocast():
+                sample = generate(model, tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
             model.train()
             log("sample: " + sample.strip("\n")[:600])
         return res
 
-    model.train()
+    wrapped.train()
     last_eval: dict = {}
     interrupted = False
     t_log, tok_log = time.time(), tokens
     with _StopFlag() as stop:
         t_prev = time.time()
         while progress_of(step, tokens, elapsed) < 1.0:
-            if stop.requested or (stop_after_steps is not None and step >= stop_after_steps):
+            if any_rank(stop.requested, dist_info) or (stop_after_steps is not None and step >= stop_after_steps):
                 interrupted = True
                 break
-            lr = lr_at(tc, step, progress_of(step, tokens, elapsed))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            factor = lr_factor(tc, step, progress_of(step, tokens, elapsed))
+            for opt in optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
             loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                x, y = train_data.batch(tc.batch_size, seq_len, data_gen)
+            for micro in range(accum):
+                x, y = train_data.batch(tc.batch_size, seq_len, data_gen, dist_info.rank, dist_info.world)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = lm_loss(model, x, y)
-                (loss / accum).backward()
+                sync = micro == accum - 1
+                with _maybe_no_sync(wrapped, sync, dist_info, tc), autocast():
+                    loss = lm_loss(fwd, x, y)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach()
+            if scaler is not None:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                scaler.step(opt) if scaler is not None else opt.step()
+            if scaler is not None:
+                scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             step += 1
             tokens += step_tokens
             now = time.time()
             elapsed += now - t_prev
             t_prev = now
             if step % tc.log_interval == 0 or step == 1:
-                loss_v = loss_sum.item() / accum  # the one sync per logged step
+                loss_v = mean_across_ranks(loss_sum, dist_info).item() / accum  # the one sync per logged step
                 rate = (tokens - tok_log) / max(1e-9, now - t_log)
                 t_log, tok_log = now, tokens
                 p = progress_of(step, tokens, elapsed)
                 eta = elapsed * (1 - p) / p if p > 0 else 0.0
-                _append_metrics(run_dir / METRICS, {"step": step, "tokens": tokens, "loss": loss_v, "lr": lr, "tokens_per_s": rate, "elapsed": round(elapsed, 2)})
-                log(f"step {step:>6} | loss {loss_v:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | {100 * p:5.1f}% | ETA {_fmt_time(eta)}")
+                mfu = rate * flops_tok / (peak * dist_info.world) if peak else None
+                rec = {"step": step, "tokens": tokens, "loss": loss_v, "lr": tc.lr * factor, "tokens_per_s": rate, "elapsed": round(elapsed, 2)}
+                if mfu is not None:
+                    rec["mfu"] = mfu
+                metrics.write(rec)
+                log(f"step {step:>6} | loss {loss_v:.4f} | lr {tc.lr * factor:.2e} | {rate:,.0f} tok/s"
+                    + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "") + f" | {100 * p:5.1f}% | ETA {_fmt_time(eta)}")
             done = progress_of(step, tokens, elapsed) >= 1.0
             if step % tc.eval_interval == 0 and not done:
                 last_eval = run_eval()
                 if not tc.checkpoint_interval:
-                    checkpoint()
-                t_prev = time.time()  # evaluation time does not count against the budget
-            if tc.checkpoint_interval and step % tc.checkpoint_interval == 0:
+                    checkpoint(last_eval["val_loss"])
+                t_prev = time.time()  # evaluation and checkpoint time do not count against the budget
+            if tc.checkpoint_interval and step % tc.checkpoint_interval == 0 and not done:
                 checkpoint()
                 t_prev = time.time()
         if not interrupted:
             last_eval = run_eval()
-        checkpoint()
-    log(f"{'interrupted' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {_fmt_time(elapsed)}; saved to {run_dir}")
+        checkpoint(last_eval.get("val_loss") if not interrupted else None)
+    metrics.close()
+    log(f"{'stopped' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {_fmt_time(elapsed)}; saved to {run_dir}")
     return RunResult(run_dir, step, tokens, elapsed, last_eval, interrupted)
+
+
+def _maybe_no_sync(wrapped, sync: bool, dist_info, tc):
+    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulation."""
+    if dist_info.enabled and not sync and tc.parallel == "ddp":
+        return wrapped.no_sync()
+    if dist_info.enabled and tc.parallel == "fsdp" and hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+class _FullStateModel:
+    """What save_weights needs from a model (config + state_dict), with FSDP shards gathered to full tensors."""
+
+    def __init__(self, model, dist_info, tc):
+        self.config = model.config
+        if dist_info.enabled and tc.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            self._sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            self._sd = model.state_dict()
+
+    def state_dict(self):
+        return self._sd
+
+
+def _load_optim_state(model, opt, sd, dist_info, tc):
+    if dist_info.enabled and tc.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(sd)
+
+
+def _full_optim_state(model, opt, dist_info, tc):
+    if dist_info.enabled and tc.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
 
 
 def _append_metrics(path: Path, record: dict) -> None:

@@ -39,7 +39,7 @@ def small_tokenizer(corpus_dir) -> Tokenizer:
 
 TINY_ARGS = ["--n_layer", "2", "--n_head", "2", "--d_model", "64", "--block_size", "64", "--batch_size", "8",
              "--tokenizer_vocab_size", "320", "--eval_interval", "20", "--eval_batches", "2", "--sample_tokens", "16",
-             "--warmup_steps", "5", "--log_interval", "5", "--device", "cpu"]
+             "--warmup_steps", "5", "--log_interval", "5", "--device", "cpu", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="session")

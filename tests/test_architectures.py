@@ -49,7 +49,7 @@ def test_cached_generation_equals_recomputation(name):
 def test_trains_a_few_steps(name, tmp_path, corpus_dir):
     model_kw = dict(n_layer=2, n_head=4, d_model=32, d_ff=48, block_size=32, **COMBOS[name])
     cfg = Config(model=ModelConfig(**model_kw), train=TrainConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=100,
-                                                                 eval_batches=1, sample_tokens=4, tokenizer_vocab_size=320, device="cpu"))
+                                                                 eval_batches=1, sample_tokens=4, tokenizer_vocab_size=320, device="cpu", precision="fp32"))
     res = train(cfg, tmp_path / "run", data=corpus_dir, cache_root=tmp_path / "cache", log=lambda *_: None)
     assert res.step == 6 and torch.isfinite(torch.tensor(res.final["val_loss"]))
 

@@ -7,7 +7,8 @@ import torch
 from lmforge import data
 from lmforge.config import Config, ModelConfig, TrainConfig
 from lmforge.runs import load
-from lmforge.training import lr_at, make_optimizer, train
+from lmforge.optim import build_optimizers
+from lmforge.training import lr_at, train
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -19,7 +20,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 def small_config(**train_kw) -> Config:
     model = ModelConfig(n_layer=2, n_head=2, d_model=64, block_size=64)
     kw = dict(batch_size=8, lr=3e-3, warmup_steps=5, eval_interval=1000, eval_batches=4, sample_tokens=0, tokenizer_vocab_size=320,
-              log_interval=10, device="cpu")
+              log_interval=10, device="cpu", precision="fp32")
     kw.update(train_kw)
     return Config(model=model, train=TrainConfig(**kw))
 
@@ -66,11 +67,10 @@ def test_schedule_warmup_and_cosine():
 def test_weight_decay_only_on_matrices():
     from lmforge.models import build_model
 
-    model = build_model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16))
-    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    decayed = {id(p) for p in decay["params"]}
+    model = build_model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16, tie_embeddings=False))
+    (opt,) = build_optimizers(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.tok_emb.weight) not in decayed and id(model.pos_emb.weight) not in decayed
-    assert id(model.blocks[0].attn.qkv.weight) in decayed
-    assert all(p.dim() == 1 for p in no_decay["params"] if p is not model.tok_emb.weight and p is not model.pos_emb.weight)
+    assert id(model.blocks[0].attn.qkv.weight) in decayed and id(model.lm_head.weight) in decayed
+    assert not any(p.dim() == 1 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
@@ -52,6 +53,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer) so the residual stream keeps its size.
         for block in self.blocks:
@@ -95,7 +97,10 @@ class DecoderLM(nn.Module):
         x = self.drop(x)
         rope = rope_cos_sin(self.inv_freq, positions, x.dtype) if cfg.pos == "rope" else None
         for block in self.blocks:
-            x = block(x, rope, cache)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
         if last_only:

@@ -170,14 +170,15 @@ class Attention(nn.Module):
         if cache.window is None:
             if start + T > cache.size:
                 raise ValueError(f"KV cache full: {start + T} positions > {cache.size}")
-            ck[:, :, start: start + T] = k
-            cv[:, :, start: start + T] = v
+            ck[:, :, start: start + T] = k.to(ck.dtype)
+            cv[:, :, start: start + T] = v.to(cv.dtype)
             return ck[:, :, : start + T], cv[:, :, : start + T], torch.arange(start + T, device=k.device)
         # Ring buffer: attend over the stored past (at most size entries) plus the new tokens.
         size = cache.size
         past = min(start, size)
         past_pos = torch.arange(start - past, start, device=k.device)
         slots = past_pos % size
+        k, v = k.to(ck.dtype), v.to(cv.dtype)
         keys = torch.cat((ck[:, :, slots], k), dim=2)
         values = torch.cat((cv[:, :, slots], v), dim=2)
         k_pos = torch.cat((past_pos, torch.arange(start, start + T, device=k.device)))

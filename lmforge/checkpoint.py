@@ -1,0 +1,126 @@
+"""Checkpoints that survive crashes: one directory per step, written whole or not at all.
+
+    RUN/checkpoints/step_000200/  model.safetensors, trainer_state.pt, manifest.json (sizes + sha256)
+    RUN/checkpoints/best/         the checkpoint with the lowest validation loss so far
+    RUN/model.safetensors         a copy of the latest weights, so generate/eval/convert just work
+
+A checkpoint is first written to a hidden temporary directory and renamed into place, so a
+crash leaves either the complete new checkpoint or none. On resume, manifests are verified and
+a damaged checkpoint is skipped in favour of the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import LmforgeError
+from .io import atomic_path
+from .runs import TRAINER_STATE, WEIGHTS, load_trainer_state, load_weights, save_trainer_state, save_weights
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, model, trainer_state: dict, keep: int = 3, val_loss: float | None = None) -> Path:
+    """Write checkpoints/step_N atomically, refresh RUN/model.safetensors, keep the last `keep` and the best."""
+    step = trainer_state["step"]
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / WEIGHTS, model, {"step": step})
+    save_trainer_state(tmp / TRAINER_STATE, trainer_state)
+    manifest = {"step": step, "val_loss": val_loss, "files": {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                                                            for f in (WEIGHTS, TRAINER_STATE)}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with atomic_path(Path(run_dir) / WEIGHTS) as t:
+        shutil.copyfile(final / WEIGHTS, t)
+    if val_loss is not None:
+        _update_best(root, final, val_loss)
+    _prune(root, keep)
+    return final
+
+
+def _update_best(root: Path, ckpt: Path, val_loss: float) -> None:
+    best = root / "best"
+    current = _read_manifest(best)
+    if current is not None and current.get("val_loss") is not None and current["val_loss"] <= val_loss:
+        return
+    tmp = root / f".tmp-best-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    old = root / f".old-best-{os.getpid()}"
+    if best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = step_dirs(root)
+    for d in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def step_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.glob("step_*") if d.is_dir())
+
+
+def _read_manifest(ckpt: Path) -> dict | None:
+    try:
+        return json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = _read_manifest(ckpt)
+    if manifest is None:
+        return "missing or unreadable manifest"
+    for name, info in manifest.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != info["size"]:
+            return f"{name} has the wrong size (truncated?)"
+        if _sha256(f) != info["sha256"]:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def load_latest(run_dir: Path, model) -> dict:
+    """Load the newest intact checkpoint into model and return its trainer state (skipping damaged ones with a warning)."""
+    root = Path(run_dir) / CHECKPOINTS
+    candidates = list(reversed(step_dirs(root))) if root.is_dir() else []
+    if not candidates:
+        raise LmforgeError(f"no checkpoint to resume in {run_dir}")
+    for ckpt in candidates:
+        problem = verify(ckpt)
+        if problem is None:
+            try:
+                state = load_trainer_state(ckpt / TRAINER_STATE)
+                load_weights(ckpt / WEIGHTS, model)
+                return state
+            except LmforgeError as e:
+                problem = str(e)
+        print(f"warning: checkpoint {ckpt.name} is damaged ({problem}); trying the previous one", file=sys.stderr)
+    raise LmforgeError(f"every checkpoint in {root} is damaged; cannot resume")

@@ -1,0 +1,111 @@
+"""Optimisers: AdamW (from PyTorch) and Muon, and the split of parameters between them.
+
+Muon (MomentUm Orthogonalized by Newton-Schulz) updates a 2-D weight matrix with its momentum
+made approximately orthogonal: the update keeps the momentum's singular vectors but sets every
+singular value near 1, so every direction of the matrix learns at a similar rate. Embeddings,
+the output head, norms and biases are not hidden matrices and stay with AdamW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise g (rows x cols): returns ~U V^T of g's SVD, by a quintic iteration.
+
+    The coefficients (a, b, c) make the iteration push singular values in (0, 1] towards ~1 fast;
+    it does not converge exactly to 1 (values land roughly in [0.7, 1.2]), which works as well in
+    practice and costs only matrix multiplies.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.T
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters: SGD momentum (Nesterov), orthogonalised, scaled by sqrt(max(1, rows/cols))."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError("Muon only takes 2-D parameters")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"])
+                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+        return loss
+
+
+def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Group parameters: 'hidden' 2-D matrices inside the blocks, 'embed' embeddings (and a tied head),
+    'head' an untied output head, 'other' norms and biases."""
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    head_id = id(head.weight) if head is not None else None
+    groups: dict[str, list] = {"hidden": [], "embed": [], "head": [], "other": []}
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embed_ids:
+            groups["embed"].append(p)
+        elif id(p) == head_id:
+            groups["head"].append(p)
+        elif p.dim() >= 2:
+            groups["hidden"].append(p)
+        else:
+            groups["other"].append(p)
+    return groups
+
+
+def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or Muon for hidden matrices + AdamW for the rest (cfg.optimizer = 'adamw' | 'muon').
+
+    Every param group carries 'base_lr'; the schedule multiplies it by the same warmup/cosine factor.
+    AdamW decays matrix weights only (never norms, biases or embeddings).
+    """
+    groups = split_parameters(model)
+    fused = device.type == "cuda"
+    adam_groups = [{"params": groups["head"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+                   {"params": groups["embed"], "weight_decay": 0.0, "base_lr": cfg.lr},
+                   {"params": groups["other"], "weight_decay": 0.0, "base_lr": cfg.lr}]
+    if cfg.optimizer == "muon":
+        muon = Muon([{"params": groups["hidden"], "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                    weight_decay=cfg.weight_decay)
+        adam_groups = [g for g in adam_groups if g["params"]]
+        adam = torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        return [muon, adam]
+    adam_groups.insert(0, {"params": groups["hidden"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr})
+    adam_groups = [g for g in adam_groups if g["params"]]
+    return [torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
