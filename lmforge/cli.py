@@ -58,6 +58,23 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the named model presets")
 
+    pl = sub.add_parser("plot", help="PNG plots of loss, learning rate, tokens/s and MFU for one or more runs")
+    pl.add_argument("runs", nargs="+", help="run directories (several = compared on one plot)")
+    pl.add_argument("--out", help="output folder (default RUN/plots for one run, plots/ for several)")
+
+    be = sub.add_parser("bench", help="measure this machine: matmul peak, training throughput vs a reference")
+    besub = be.add_subparsers(dest="bench_verb", metavar="WHAT")
+    besub.add_parser("matmul", help="peak matmul FLOP/s (fp32, bf16); stored and used for MFU")
+    bt = besub.add_parser("train", help="steady-state training tokens/s and MFU, lmforge vs the textbook GPT-2 in benchmarks/")
+    bt.add_argument("--preset", default="tiny")
+    bt.add_argument("--steps", type=int, default=10)
+    bt.add_argument("--rounds", type=int, default=3)
+    bt.add_argument("--batch-size", type=int)
+    bt.add_argument("--seq-len", type=int)
+    bt.add_argument("--compile", action="store_true")
+    bt.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    bt.add_argument("--device", default="auto")
+
     cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 or Llama folder to import")
@@ -132,6 +149,10 @@ def _dispatch(args, extra):
         return _presets()
     if args.verb == "convert":
         return _convert(args)
+    if args.verb == "plot":
+        return _plot(args)
+    if args.verb == "bench":
+        return _bench(args)
 
 
 def _data_spec(s: str | None):
@@ -264,6 +285,26 @@ def _eval(args):
     model, tok = load(args.run, device=args.device)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
+
+
+def _plot(args):
+    from .plotting import plot_runs
+
+    out = args.out or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else Path("plots"))
+    files = plot_runs(args.runs, out)
+    print(f"wrote {len(files)} plots to {out}")
+
+
+def _bench(args):
+    from . import bench
+
+    if args.bench_verb == "matmul":
+        bench.bench_matmul()
+    elif args.bench_verb == "train":
+        bench.bench_train(args.preset, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len,
+                          compile=args.compile, precision=args.precision, device=args.device)
+    else:
+        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
 
 
 def _convert(args):

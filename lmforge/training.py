@@ -440,37 +440,45 @@ def _maybe_no_sync(wrapped, sync: bool, dist_info, tc):
     return contextlib.nullcontext()
 
 
+def _full(t):
+    """A plain tensor from an FSDP2 shard (DTensor) by gathering it; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class _FullStateModel:
-    """What save_weights needs from a model (config + state_dict), with FSDP shards gathered to full tensors."""
+    """What save_weights needs from a model (config + state_dict), with FSDP shards gathered to full tensors.
+
+    Every rank must build it (gathering is collective); only rank 0 writes it.
+    """
 
     def __init__(self, model, dist_info, tc):
         self.config = model.config
-        if dist_info.enabled and tc.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            self._sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            self._sd = model.state_dict()
+        self._sd = {k: _full(v) for k, v in model.state_dict().items()}
 
     def state_dict(self):
         return self._sd
 
 
-def _load_optim_state(model, opt, sd, dist_info, tc):
-    if dist_info.enabled and tc.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, opt, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(sd)
-
-
 def _full_optim_state(model, opt, dist_info, tc):
+    sd = opt.state_dict()
     if dist_info.enabled and tc.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        sd["state"] = {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    return sd
 
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
+
+def _load_optim_state(model, opt, sd, dist_info, tc):
+    """Load a full optimizer state; under FSDP2 each state tensor is re-sharded like its parameter."""
+    if dist_info.enabled and tc.parallel == "fsdp":
+        from torch.distributed.tensor import distribute_tensor
+
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state = {}
+        for i, st in sd["state"].items():
+            p = params[int(i)]
+            state[i] = {k: distribute_tensor(v, p.device_mesh, p.placements) if hasattr(p, "device_mesh") and v.dim() > 0 else v
+                        for k, v in st.items()}
+        sd = {**sd, "state": state}
+    opt.load_state_dict(sd)
 
 
 def _append_metrics(path: Path, record: dict) -> None:

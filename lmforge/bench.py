@@ -1,0 +1,106 @@
+"""`lmforge bench`: measured numbers for this machine (peak matmul FLOP/s, training throughput)."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import preset
+from .errors import LmforgeError
+from .models import build_model
+from .optim import build_optimizers
+from .perf import choose_precision, flops_per_token, measure_cpu_peak, peak_flops, store_cpu_peak
+from .training import autocast_for, pick_device
+
+
+def bench_matmul(log=print) -> dict:
+    out = {}
+    for precision in ("fp32", "bf16"):
+        value = store_cpu_peak(measure_cpu_peak(precision), precision)
+        out[precision] = value
+        log(f"{precision} matmul peak: {value / 1e9:,.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    return out
+
+
+def load_reference():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_gpt.py"
+    if not path.is_file():
+        raise LmforgeError(f"the reference implementation is not here ({path}); run bench from a source checkout")
+    spec = importlib.util.spec_from_file_location("reference_gpt", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _time_steps(model, optimizers, batch_size, seq_len, vocab, device, autocast, steps, warmup, grad_clip=1.0):
+    """Seconds per optimizer step, after warmup steps, on random tokens."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+    model.train()
+
+    def one():
+        with autocast():
+            logits = model(inp)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = one()
+    loss.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_train(preset_name: str = "tiny", steps: int = 10, warmup: int = 3, rounds: int = 3, batch_size: int | None = None,
+                seq_len: int | None = None, compile: bool = False, precision: str = "fp32", device: str = "auto", log=print) -> dict:
+    """Steady-state training tokens/s and MFU of lmforge and of the textbook reference, interleaved, same sizes."""
+    cfg = preset(preset_name)
+    mcfg, tcfg = cfg.model, cfg.train
+    dev = pick_device(device)
+    precision = choose_precision(precision, dev)
+    B = batch_size or tcfg.batch_size
+    T = seq_len or mcfg.block_size
+    autocast = autocast_for(dev, precision)
+    ref_mod = load_reference()
+    torch.manual_seed(0)
+    ours = build_model(mcfg).to(dev)
+    ours_opts = build_optimizers(ours, tcfg, dev)
+    ours_fwd = torch.compile(ours) if compile else ours
+    ref, ref_opt = ref_mod.build(mcfg)
+    ref = ref.to(dev)
+    flops = flops_per_token(mcfg, T)
+    peak = peak_flops(dev, precision)
+    times = {"lmforge": [], "reference": []}
+    for _ in range(rounds):  # interleave so background load hits both alike
+        times["lmforge"].append(_time_steps(ours_fwd, ours_opts, B, T, mcfg.vocab_size, dev, autocast, steps, warmup))
+        times["reference"].append(_time_steps(ref, [ref_opt], B, T, mcfg.vocab_size, dev, autocast, steps, warmup))
+        warmup = 1
+    out = {"preset": preset_name, "batch": B, "seq_len": T, "precision": precision, "device": str(dev), "compile": compile}
+    for name, ts in times.items():
+        best = min(ts)
+        tps = B * T / best
+        out[name] = {"tokens_per_s": tps, "mfu": tps * flops / peak if peak else None, "step_s": best}
+    out["ratio"] = out["lmforge"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
+    log(f"bench train: preset {preset_name}, batch {B} x {T}, {precision}, {dev}{', compiled' if compile else ''}; best of {rounds} x {steps} steps")
+    for name in ("lmforge", "reference"):
+        r = out[name]
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        log(f"  {name:<10} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6}   {1000 * r['step_s']:.0f} ms/step")
+    log(f"  ratio      {out['ratio']:.2f}x")
+    return out
