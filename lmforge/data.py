@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -81,17 +81,27 @@ class SkipCounter:
     files: int = 0
 
 
-def read_documents(files: list[Path], skipped: SkipCounter | None = None, include_pydoc_topics: bool = False) -> Iterator[str]:
-    """Yield documents (texts) from files, streaming; unreadable/binary files are counted in `skipped`."""
-    skipped = skipped if skipped is not None else SkipCounter()
+LARGE_FILE_BYTES = 64 << 20  # text files above this are streamed in pieces, never read whole
+STREAM_BLOCK = 1 << 20
+
+
+def _documents(files: list[Path], skipped: SkipCounter, include_pydoc_topics: bool) -> Iterator[Iterable[str]]:
+    """Yield each document as an iterable of text pieces (one piece, or a stream of them for a huge file)."""
     for f in files:
         suffix = f.suffix.lower()
         if suffix == ".jsonl":
-            yield from _read_jsonl(f, skipped)
+            yield from ([t] for t in _read_jsonl(f, skipped))
         elif suffix == ".parquet":
-            yield from _read_parquet(f)
+            yield from ([t] for t in _read_parquet(f))
         else:
             try:
+                size = f.stat().st_size
+                if size > LARGE_FILE_BYTES:
+                    if _is_utf8_text_file(f):
+                        yield _stream_text_file(f)
+                    else:
+                        skipped.files += 1
+                    continue
                 raw = f.read_bytes()
             except OSError:
                 skipped.files += 1
@@ -105,9 +115,61 @@ def read_documents(files: list[Path], skipped: SkipCounter | None = None, includ
                 skipped.files += 1
                 continue
             if text.strip():
-                yield text
+                yield [text]
     if include_pydoc_topics:
-        yield from _pydoc_topics()
+        yield from ([t] for t in _pydoc_topics())
+
+
+def _is_utf8_text_file(path: Path) -> bool:
+    """Check a large file is UTF-8 text, streaming (no NUL bytes near the start, decodes cleanly)."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as fh:
+        first = True
+        while block := fh.read(STREAM_BLOCK):
+            if first and b"\0" in block[:8192]:
+                return False
+            first = False
+            try:
+                dec.decode(block)
+            except UnicodeDecodeError:
+                return False
+    try:
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _stream_text_file(path: Path) -> Iterator[str]:
+    """Pieces of a large UTF-8 file, cut at line breaks, about STREAM_BLOCK characters each."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    carry = ""
+    with open(path, "rb") as fh:
+        while block := fh.read(STREAM_BLOCK):
+            text = carry + dec.decode(block)
+            cut = text.rfind("\n") + 1
+            if cut == 0:
+                carry = text
+                continue
+            carry = text[cut:]
+            yield text[:cut]
+    carry += dec.decode(b"", final=True)
+    if carry:
+        yield carry
+
+
+def read_documents(files: list[Path], skipped: SkipCounter | None = None, include_pydoc_topics: bool = False) -> Iterator[str]:
+    """Yield texts from files, streaming; binary / non-UTF-8 files are counted in `skipped`.
+
+    A file too large to hold in memory comes out as several consecutive texts.
+    """
+    skipped = skipped if skipped is not None else SkipCounter()
+    for doc in _documents(files, skipped, include_pydoc_topics):
+        yield from doc
 
 
 def _pydoc_topics() -> Iterator[str]:
@@ -328,15 +390,24 @@ def prepare(spec, tokenizer, out_dir: str | Path, val_fraction: float = 0.01, sh
         batch, batch_size = [], 0
 
     try:
-        for doc in read_documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS):
+        for doc in _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS):
             stats.documents += 1
-            stats.bytes += len(doc.encode("utf-8", "surrogatepass"))
-            pieces = _chunks(doc, chunk_chars)
-            for i, piece in enumerate(pieces):
-                split = "val" if piece_no % every == every // 2 else "train"
-                piece_no += 1
-                batch.append((split, piece, i == len(pieces) - 1))
-                batch_size += len(piece)
+            pending = None  # hold one piece back to know which is the document's last
+            for text in doc:
+                stats.bytes += len(text.encode("utf-8", "surrogatepass"))
+                for piece in _chunks(text, chunk_chars):
+                    if pending is not None:
+                        batch.append((pending[0], pending[1], False))
+                        batch_size += len(pending[1])
+                    pending = ("val" if piece_no % every == every // 2 else "train", piece)
+                    piece_no += 1
+                if batch_size >= batch_chars:
+                    flush()
+            if pending is not None:
+                batch.append((pending[0], pending[1], True))
+                batch_size += len(pending[1])
+            else:
+                stats.documents -= 1
             if batch_size >= batch_chars:
                 flush()
         flush()

@@ -108,3 +108,23 @@ def test_batches_are_shifted_windows(tmp_path):
     x, y = td.batch(16, 20, torch.Generator().manual_seed(0))
     assert x.shape == (16, 20) and torch.equal(x[:, 1:], y[:, :-1])
     assert torch.all((y - x) % 300 == 1)  # consecutive tokens of one shard, never across shards
+
+
+def test_large_file_is_streamed(tmp_path, small_tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "LARGE_FILE_BYTES", 2000)
+    monkeypatch.setattr(data, "STREAM_BLOCK", 512)
+    big = tmp_path / "big.txt"
+    text = "".join(f"line {i}: the robot draws a red box ✓\n" for i in range(400))
+    big.write_text(text, encoding="utf-8")
+    pieces = list(data.read_documents([big]))
+    assert len(pieces) > 10 and "".join(pieces) == text  # streamed in pieces, nothing lost, characters intact
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(text.encode() + b"\xff\xfe tail")
+    skipped = data.SkipCounter()
+    assert list(data.read_documents([bad], skipped)) == [] and skipped.files == 1
+    out = tmp_path / "s"
+    stats = data.prepare(big, small_tokenizer, out, val_fraction=0.05, progress=False)
+    train = np.asarray(data.read_shard(out / "train_0000.bin"))
+    val = np.asarray(data.read_shard(out / "val_0000.bin"))
+    assert stats.documents == 1 and (train == small_tokenizer.eos_id).sum() + (val == small_tokenizer.eos_id).sum() == 1
+    assert len(small_tokenizer.decode(train.tolist()) + small_tokenizer.decode(val.tolist())) == len(text) + len("<|endoftext|>")
