@@ -21,6 +21,7 @@ from .errors import LmforgeError
 from .generation import generate
 from .io import write_json_atomic
 from .models import build_model
+from .models import moe
 from .runs import (METRICS, TOKENIZER, TRAINER_STATE, WEIGHTS, load_config, load_trainer_state, load_weights, save_config,
                    save_trainer_state, save_weights)
 from .tokenizer import Tokenizer
@@ -122,6 +123,7 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     seq_len = min(seq_len, int(max(data.lengths)) - 1)
     gen = torch.Generator().manual_seed(1234)
     nats, count, nbytes = 0.0, 0, 0
+    moe.routing_stats(model, training=False)  # MoE layers: count the routing of these batches only
     for _ in range(batches):
         x, y = data.batch(batch_size, seq_len, gen)
         x, y = x.to(device), y.to(device)
@@ -134,6 +136,8 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
     if nbytes:
         out["val_bpb"] = nats / math.log(2) / nbytes
+    if routing := moe.routing_stats(model, training=False):
+        out["val_moe_routing"] = routing
     return out
 
 
@@ -297,12 +301,15 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            aux_sums = {}
             for _ in range(accum):
                 x, y = train_data.batch(tc.batch_size, seq_len, data_gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 loss = lm_loss(model, x, y)
-                (loss / accum).backward()
+                aux = moe.aux_losses(model)  # MoE router losses {name: (coef, value)}; {} for dense models
+                ((loss + sum(c * v for c, v in aux.values())) / accum).backward()
                 loss_sum += loss.detach()
+                aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / accum for k, (_, v) in aux.items()}
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -318,8 +325,9 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
                 t_log, tok_log = now, tokens
                 p = progress_of(step, tokens, elapsed)
                 eta = elapsed * (1 - p) / p if p > 0 else 0.0
-                _append_metrics(run_dir / METRICS, {"step": step, "tokens": tokens, "loss": loss_v, "lr": lr, "tokens_per_s": rate, "elapsed": round(elapsed, 2)})
-                log(f"step {step:>6} | loss {loss_v:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | {100 * p:5.1f}% | ETA {_fmt_time(eta)}")
+                extra = moe.training_metrics(model, aux_sums)  # {} for dense models
+                _append_metrics(run_dir / METRICS, {"step": step, "tokens": tokens, "loss": loss_v, "lr": lr, "tokens_per_s": rate, "elapsed": round(elapsed, 2), **extra})
+                log(f"step {step:>6} | loss {loss_v:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | {100 * p:5.1f}% | ETA {_fmt_time(eta)}" + moe.describe(extra))
             done = progress_of(step, tokens, elapsed) >= 1.0
             if step % tc.eval_interval == 0 and not done:
                 last_eval = run_eval()
