@@ -108,7 +108,9 @@ class MoE(nn.Module):
         sizes = plan.sizes.tolist()  # the one host sync: the loop over experts needs each expert's token count
         chunks = x_flat[tokens].split(sizes)  # expert e's tokens, contiguous
         y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (kept, D)
-        out = torch.zeros_like(x_flat).index_add_(0, tokens, (y * g[:, None]).to(x_flat.dtype))
+        # Put each result back in its assignment's slot (dropped slots stay zero), then add a token's k slots.
+        slots = x_flat.new_zeros(B * T * self.top_k, D).index_copy_(0, plan.order, (y * g[:, None]).to(x.dtype))
+        out = slots.view(T, self.top_k, B, D).sum(dim=1).transpose(0, 1).reshape(B * T, D)  # (B*T, D)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x_flat)
 
