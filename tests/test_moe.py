@@ -1,13 +1,16 @@
 """Mixture of Experts: routing, capacity, auxiliary losses, gradients, dispatch cost, training, CLI."""
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lmforge import data
+from lmforge import config as C
 from lmforge.config import Config, ModelConfig, TrainConfig, preset
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model, moe
@@ -299,3 +302,20 @@ def test_cli_train_eval_and_export_errors(tmp_path, capsys, corpus_dir):
     assert code == 1 and "moe_every=2" in err and "moe_shared_expert" in err and "without Llama attention" in err
     code, _, err = run_cli(capsys, "train", corpus_dir, "--out", tmp_path / "bad", *TINY_ARGS, "--moe_experts", "4", "--moe_top_k", "9")
     assert code == 1 and err.startswith("error: invalid model config: moe_top_k (9)")
+
+
+def test_readme_moe_config_runs(tmp_path, capsys, corpus_dir):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Mixture of Experts", 1)[1]
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "moe.toml").write_text(toml)
+    cfg = C.merge(C.preset("tiny"), C.load_file(tmp_path / "moe.toml"))
+    cfg.validate()
+    want = preset("moe-tiny").model
+    # the README example is the moe-tiny preset spelled out (d_ff, the size of dense layers, is unused: every layer is MoE)
+    assert dataclasses.replace(cfg.model, d_ff=want.d_ff) == want
+    code, stdout, err = run_cli(capsys, "train", corpus_dir, "--config", tmp_path / "moe.toml", "--out", tmp_path / "run", "--max-steps", "2",
+                                "--tokenizer_vocab_size", "320", "--batch_size", "2", "--seq_len", "64", "--eval_batches", "1",
+                                "--sample_tokens", "0", "--log_interval", "1")
+    assert code == 0, err
+    assert "| balance " in stdout

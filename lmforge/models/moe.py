@@ -85,7 +85,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_dim) for _ in range(cfg.moe_experts))
         self.shared_expert = MLP(cfg, cfg.expert_dim) if cfg.moe_shared_expert else None
         self._last = None  # (logits, probs, wanted) of the last forward, for the auxiliary losses
-        self._stats = {True: None, False: None}  # training / eval mode: (assignments per expert..., over capacity) since take_stats
+        self._stats = {True: None, False: None}  # per mode (training?): (E assignment counts, over capacity) since take_stats
 
     def capacity(self, n_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -110,16 +110,16 @@ class MoE(nn.Module):
         y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (kept, D)
         # Put each result back in its assignment's slot (dropped slots stay zero), then add a token's k slots.
         slots = x_flat.new_zeros(B * T * self.top_k, D).index_copy_(0, plan.order, (y * g[:, None]).to(x.dtype))
-        out = slots.view(T, self.top_k, B, D).sum(dim=1).transpose(0, 1).reshape(B * T, D)  # (B*T, D)
+        out = slots.view(T, self.top_k, B, D).sum(dim=1).transpose(0, 1)  # (B, T, D)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x_flat)
+            out = out + self.shared_expert(x)
 
         self._last = (logits.reshape(B * T, -1), probs.reshape(B * T, -1), plan.wanted)
         over = (plan.wanted - capacity).clamp(min=0).sum() if capacity is not None else plan.wanted.new_zeros(())
         counts = torch.cat((plan.wanted, over[None])).detach()
         prev = self._stats[self.training]
         self._stats[self.training] = counts if prev is None else prev + counts
-        return out.view(B, T, D)
+        return out
 
     # --- what the last forward(s) measured ---------------------------------------------------------
 
