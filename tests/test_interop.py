@@ -48,7 +48,7 @@ REFERENCES = {
                                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "mixtral": lambda: mixtral_reference(),
     "mixtral-window-top3-tied": lambda: mixtral_reference(sliding_window=7, num_local_experts=6, num_experts_per_tok=3,
-                                                          num_key_value_heads=1, tie_word_embeddings=True),
+                                                          num_key_value_heads=1, tie_word_embeddings=True, rope_theta=5000.0),
 }
 
 
