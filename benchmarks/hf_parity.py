@@ -11,6 +11,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lmforge, not an installed one
 from test_interop import REFERENCES, save_reference  # noqa: E402
 
 from lmforge import interop  # noqa: E402
@@ -19,7 +20,7 @@ from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 tok = Tokenizer.train(["the cat sees the moon. " * 50], 300)
-print(f"{'reference':<22} {'full forward':>14} {'cached decode':>14}")
+print(f"{'reference':<26} {'full forward':>14} {'cached decode':>14}")
 for name, build in REFERENCES.items():
     torch.manual_seed(0)
     ref = build().eval()
@@ -33,4 +34,4 @@ for name, build in REFERENCES.items():
         cache = model.new_cache(4, 64)
         steps = torch.cat([model(x[:, :16], cache)] + [model(x[:, t: t + 1], cache) for t in range(16, 64)], 1)
         cached = (steps - want).abs().max().item()
-    print(f"{name:<22} {full:>14.2e} {cached:>14.2e}")
+    print(f"{name:<26} {full:>14.2e} {cached:>14.2e}")

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
     direction = cv.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 or Llama folder to import")
+    direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
     direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
     cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
     return p
@@ -285,6 +285,10 @@ def _eval(args):
     model, tok = load(args.run, device=args.device)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
+    if "moe_routing" in res:
+        from .models.moe import routing_table
+
+        print("\n".join(routing_table(res["moe_routing"], model.config.moe_capacity_factor)))
 
 
 def _plot(args):
@@ -324,12 +328,12 @@ def _presets():
 
     import torch
 
-    print(f"{'name':<14} {'params':>10}  description")
+    print(f"{'name':<14} {'params':>10} {'active':>10}  description")
     for name, (desc, _, _) in PRESETS.items():
         cfg = preset(name).model
         with torch.device("meta"):
-            n = build_model(cfg).num_params()
-        print(f"{name:<14} {n / 1e6:>9.1f}M  {desc}")
+            model = build_model(cfg)
+        print(f"{name:<14} {model.num_params() / 1e6:>9.1f}M {model.num_active_params() / 1e6:>9.1f}M  {desc}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # Mixture of Experts (models/moe.py): moe_experts > 0 replaces feed-forward layers by routed experts.
+    moe_experts: int = 0  # routed experts per MoE layer; 0 = dense model
+    moe_top_k: int = 2  # experts each token is sent to
+    moe_d_ff: int | None = None  # hidden size of one expert; None = d_ff
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0: 1 = every layer, 2 = every second layer
+    moe_capacity_factor: float | None = None  # training only: an expert takes <= ceil(factor * tokens * k / experts); None = no limit
+    moe_shared_expert: bool = False  # also one always-on expert (of size moe_d_ff) for every token
+    moe_renormalize: bool = True  # gate weights renormalised to sum to 1 over the chosen experts (Mixtral); False = raw softmax
+    moe_aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss (1.0 when perfectly balanced)
+    moe_z_loss_coef: float = 0.001  # weight of the router z-loss, mean logsumexp(router logits)^2
+    moe_jitter: float = 0.0  # training only: router input multiplied by uniform noise in [1 - jitter, 1 + jitter]
 
     @property
     def head_dim(self) -> int:
@@ -56,6 +67,13 @@ class ModelConfig:
     @property
     def ff_dim(self) -> int:
         return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def expert_dim(self) -> int:
+        return self.ff_dim if self.moe_d_ff is None else self.moe_d_ff
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_experts > 0 and (i + 1) % self.moe_every == 0
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -72,6 +90,21 @@ class ModelConfig:
         need(self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        self._validate_moe(need)
+
+    def _validate_moe(self, need) -> None:
+        need(self.moe_experts >= 0, "moe_experts must be >= 0 (0 = dense)")
+        if self.moe_experts == 0:
+            defaults = ModelConfig()
+            changed = [f.name for f in fields(self) if f.name.startswith("moe_") and getattr(self, f.name) != getattr(defaults, f.name)]
+            need(not changed, f"{', '.join(changed)} set but moe_experts is 0 (a dense model); set moe_experts to use experts")
+            return
+        need(1 <= self.moe_top_k <= self.moe_experts, f"moe_top_k ({self.moe_top_k}) must be between 1 and moe_experts ({self.moe_experts})")
+        need(self.expert_dim > 0, "moe_d_ff must be positive")
+        need(1 <= self.moe_every <= self.n_layer, f"moe_every ({self.moe_every}) must be between 1 and n_layer ({self.n_layer})")
+        need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor must be positive (or none for no limit)")
+        need(self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0, "moe_aux_loss_coef and moe_z_loss_coef must be >= 0")
+        need(0.0 <= self.moe_jitter < 1.0, "moe_jitter must be in [0, 1)")
 
 
 @dataclass
@@ -172,6 +205,12 @@ PRESETS: dict[str, tuple[str, dict, dict]] = {
     "llama-tiny": (
         "Llama style (RoPE, RMSNorm, SwiGLU, GQA), CPU-sized",
         dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=192, d_ff=512, block_size=256, vocab_size=4096),
+        dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
+    ),
+    "moe-tiny": (
+        "llama-tiny with 8 experts (top-2) in every layer: same active compute as llama-tiny, ~2x its parameters",
+        dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=192, d_ff=512, moe_experts=8, moe_top_k=2, moe_d_ff=256,
+             moe_capacity_factor=1.25, block_size=256, vocab_size=4096),
         dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
     ),
     "llama-small": (

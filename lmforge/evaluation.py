@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import data as datamod
 from .errors import LmforgeError
+from .models import moe
 
 
 @torch.no_grad()
@@ -32,6 +33,7 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
     nats, count = 0.0, 0
     starts = list(range(0, n_windows * T, T))
     model.eval()
+    moe.routing_stats(model, training=False)  # MoE layers: count the routing of these windows only
     for i in range(0, len(starts), batch_size):
         xs, ys = [], []
         for s in starts[i: i + batch_size]:
@@ -49,4 +51,7 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
     targets = tokens[1: count + 1]
     nbytes = int(lengths[targets.clamp(max=len(lengths) - 1)].sum())
     loss = nats / count
-    return {"tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": nats / math.log(2) / max(1, nbytes)}
+    out = {"tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": nats / math.log(2) / max(1, nbytes)}
+    if routing := moe.routing_stats(model, training=False):
+        out["moe_routing"] = routing
+    return out

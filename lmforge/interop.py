@@ -1,4 +1,4 @@
-"""Hugging Face interop: convert GPT-2 and Llama checkpoints to lmforge run directories and back.
+"""Hugging Face interop: convert GPT-2, Llama and Mixtral checkpoints to lmforge run directories and back.
 
 Only tensors are read: safetensors files, or `torch.load(weights_only=True)` for .bin files, so a
 checkpoint can never run code. Name mapping per family:
@@ -15,6 +15,18 @@ checkpoint can never run code. Name mapping per family:
     lm_head                          lm_head                            lm_head
 
 (T) = GPT-2's Conv1D stores weights transposed relative to nn.Linear.
+
+Mixtral (MixtralForCausalLM) is Llama attention with a Mixture of Experts in every layer:
+
+    lmforge                          Mixtral (as save_pretrained writes it)
+    blocks.i.mlp.router              model.layers.i.block_sparse_moe.gate
+    blocks.i.mlp.experts.e.gate      model.layers.i.block_sparse_moe.experts.e.w1
+    blocks.i.mlp.experts.e.down      model.layers.i.block_sparse_moe.experts.e.w2
+    blocks.i.mlp.experts.e.up        model.layers.i.block_sparse_moe.experts.e.w3
+
+transformers 5 holds the experts fused in memory (model.layers.i.mlp.gate, mlp.experts.gate_up_proj
+(E, 2*I, D) = [w1; w3] per expert, mlp.experts.down_proj (E, D, I)); checkpoints in that layout are
+read too. Exports use the per-expert layout, which every transformers version loads.
 """
 
 from __future__ import annotations
@@ -108,14 +120,16 @@ def _family(hf: dict) -> str:
         return "gpt2"
     if kind == "llama" or "LlamaForCausalLM" in archs:
         return "llama"
-    _unsupported(f"architecture {', '.join(archs) or kind or 'unknown'} (supported: GPT2LMHeadModel, LlamaForCausalLM)")
+    if kind == "mixtral" or "MixtralForCausalLM" in archs:
+        return "mixtral"
+    _unsupported(f"architecture {', '.join(archs) or kind or 'unknown'} (supported: GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM)")
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+def _rope_from_hf(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(theta, scaling) from either transformers 4 (rope_theta + rope_scaling) or 5 (rope_parameters) configs."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
     merged = {**scaling, **params}
     kind = merged.get("rope_type", merged.get("type", "default"))
     if kind in (None, "default"):
@@ -143,28 +157,38 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"], n_head=hf["n_head"],
                            d_model=hf["n_embd"], d_ff=hf.get("n_inner"), norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                            pos="learned", mlp=mlp, bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0)
-    # llama
+    # llama and mixtral (Llama attention + experts)
+    name = family.capitalize()
     if hf.get("hidden_act", "silu") != "silu":
-        _unsupported(f"Llama hidden_act {hf.get('hidden_act')!r} (only silu)")
+        _unsupported(f"{name} hidden_act {hf.get('hidden_act')!r} (only silu)")
     n_head, d = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim") not in (None, d // n_head):
-        _unsupported(f"Llama head_dim {hf['head_dim']} different from hidden_size / num_attention_heads ({d // n_head})")
+        _unsupported(f"{name} head_dim {hf['head_dim']} different from hidden_size / num_attention_heads ({d // n_head})")
     if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
         _unsupported("Llama with attention_bias different from mlp_bias")
-    theta, scaling = _rope_from_hf(hf)
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
-                       n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d, d_ff=hf["intermediate_size"],
-                       norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=theta, rope_scaling=scaling,
-                       mlp="swiglu", bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                       dropout=0.0)
+    theta, scaling = _rope_from_hf(hf, 1e6 if family == "mixtral" else 10000.0)
+    common = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                  d_model=d, d_ff=hf["intermediate_size"], norm="rmsnorm", pos="rope", rope_theta=theta, rope_scaling=scaling,
+                  mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=0.0)
+    if family == "llama":
+        return ModelConfig(**common, block_size=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           bias=bool(hf.get("attention_bias", False)))
+    k = hf.get("num_experts_per_tok", 2)
+    # transformers' load-balancing loss sums to top_k when balanced, ours to 1: the same penalty needs coef * top_k.
+    return ModelConfig(**common, block_size=hf.get("max_position_embeddings", 4096 * 32), norm_eps=hf.get("rms_norm_eps", 1e-5), bias=False,
+                       sliding_window=hf.get("sliding_window"), moe_experts=hf.get("num_local_experts", 8), moe_top_k=k,
+                       moe_d_ff=hf["intermediate_size"], moe_renormalize=True, moe_capacity_factor=None,
+                       moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * k, moe_z_loss_coef=0.0,
+                       moe_jitter=float(hf.get("router_jitter_noise", 0.0)))
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
     """The transformers config.json for an lmforge model config, or a clear error naming what does not fit."""
     problems = []
+    moe = cfg.moe_experts > 0
     if cfg.qk_norm:
         problems.append("qk_norm")
-    if cfg.sliding_window:
+    if cfg.sliding_window and not moe:  # Mixtral has a window (same convention: W positions, itself included); Llama has none
         problems.append("sliding_window")
     if cfg.attn_softcap or cfg.logit_softcap:
         problems.append("softcapping")
@@ -176,6 +200,15 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
                         f"Llama needs rmsnorm/rope/swiglu)")
     if llama_like and cfg.rope_scaling and cfg.rope_scaling.get("type") not in ("linear", "llama3"):
         problems.append(f"rope scaling {cfg.rope_scaling.get('type')!r}")
+    if moe:  # Mixtral: Llama attention without biases, renormalised top-k experts in every layer, no shared expert
+        if not llama_like or cfg.bias:
+            problems.append("a Mixture of Experts without Llama attention (Mixtral needs rmsnorm/rope/swiglu and bias=false)")
+        if cfg.moe_every != 1:
+            problems.append(f"moe_every={cfg.moe_every} (Mixtral has experts in every layer)")
+        if cfg.moe_shared_expert:
+            problems.append("moe_shared_expert")
+        if not cfg.moe_renormalize:
+            problems.append("moe_renormalize=false")
     if problems:
         raise LmforgeError("cannot export to Hugging Face: unsupported " + "; ".join(problems))
     if gpt2_like:
@@ -189,6 +222,12 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
            "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+    if moe:
+        for key in ("attention_bias", "mlp_bias"):
+            del out[key]
+        out.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=cfg.expert_dim,
+                   sliding_window=cfg.sliding_window, num_local_experts=cfg.moe_experts, num_experts_per_tok=cfg.moe_top_k,
+                   router_aux_loss_coef=cfg.moe_aux_loss_coef / cfg.moe_top_k, router_jitter_noise=cfg.moe_jitter)
     if cfg.rope_scaling:
         sc = dict(cfg.rope_scaling)
         sc["rope_type"] = sc.pop("type")
@@ -218,14 +257,22 @@ def _gpt2_names(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
 
 
 def _llama_names(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
-    """(lmforge name, HF name, transposed) for Llama tensors other than the fused qkv."""
+    """(lmforge name, HF name, transposed) for Llama / Mixtral tensors other than the fused qkv."""
     names = [("tok_emb.weight", "model.embed_tokens.weight", False)]
     for i in range(cfg.n_layer):
         h = f"model.layers.{i}."
         b = f"blocks.{i}."
         names += [(b + "norm1.weight", h + "input_layernorm.weight", False), (b + "norm2.weight", h + "post_attention_layernorm.weight", False),
-                  (b + "attn.proj.weight", h + "self_attn.o_proj.weight", False), (b + "mlp.gate.weight", h + "mlp.gate_proj.weight", False),
-                  (b + "mlp.up.weight", h + "mlp.up_proj.weight", False), (b + "mlp.down.weight", h + "mlp.down_proj.weight", False)]
+                  (b + "attn.proj.weight", h + "self_attn.o_proj.weight", False)]
+        if cfg.is_moe_layer(i):
+            m = h + "block_sparse_moe."
+            names.append((b + "mlp.router.weight", m + "gate.weight", False))
+            for e in range(cfg.moe_experts):
+                names += [(b + f"mlp.experts.{e}.{ours}.weight", m + f"experts.{e}.{theirs}.weight", False)
+                          for ours, theirs in (("gate", "w1"), ("down", "w2"), ("up", "w3"))]
+            continue
+        names += [(b + "mlp.gate.weight", h + "mlp.gate_proj.weight", False), (b + "mlp.up.weight", h + "mlp.up_proj.weight", False),
+                  (b + "mlp.down.weight", h + "mlp.down_proj.weight", False)]
         if cfg.bias:
             names += [(b + "attn.proj.bias", h + "self_attn.o_proj.bias", False), (b + "mlp.gate.bias", h + "mlp.gate_proj.bias", False),
                       (b + "mlp.up.bias", h + "mlp.up_proj.bias", False), (b + "mlp.down.bias", h + "mlp.down_proj.bias", False)]
@@ -241,13 +288,36 @@ def _take(hf_sd: dict, name: str) -> torch.Tensor:
     return hf_sd[name]
 
 
+def _unfuse_experts(cfg: ModelConfig, hf_sd: dict) -> dict:
+    """Rename transformers 5's fused Mixtral expert tensors to the per-expert checkpoint layout (other tensors unchanged)."""
+    hf_sd = dict(hf_sd)
+    E, I, D = cfg.moe_experts, cfg.expert_dim, cfg.d_model
+    for i in range(cfg.n_layer):
+        fused, m = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        if fused + "experts.gate_up_proj" not in hf_sd:
+            continue
+        gate_up, down, router = (_take(hf_sd, fused + n) for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"))
+        for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"):
+            del hf_sd[fused + n]
+        if tuple(gate_up.shape) != (E, 2 * I, D) or tuple(down.shape) != (E, D, I):
+            raise LmforgeError(f"Hugging Face expert tensors of layer {i} have shapes {tuple(gate_up.shape)} and {tuple(down.shape)}, "
+                               f"config implies {(E, 2 * I, D)} and {(E, D, I)}")
+        hf_sd[m + "gate.weight"] = router
+        for e in range(E):
+            hf_sd[m + f"experts.{e}.w1.weight"], hf_sd[m + f"experts.{e}.w3.weight"] = gate_up[e].split(I)
+            hf_sd[m + f"experts.{e}.w2.weight"] = down[e]
+    return hf_sd
+
+
 def state_dict_from_hf(cfg: ModelConfig, family: str, hf_sd: dict) -> dict[str, torch.Tensor]:
     out = {}
+    if family == "mixtral":
+        hf_sd = _unfuse_experts(cfg, hf_sd)
     names = _gpt2_names(cfg) if family == "gpt2" else _llama_names(cfg)
     for ours, theirs, transposed in names:
         t = _take(hf_sd, theirs)
         out[ours] = t.t().contiguous() if transposed else t
-    if family == "llama":
+    if family in ("llama", "mixtral"):
         for i in range(cfg.n_layer):
             a = f"model.layers.{i}.self_attn."
             out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([_take(hf_sd, a + f"{p}_proj.weight") for p in "qkv"])
@@ -262,7 +332,7 @@ def state_dict_to_hf(cfg: ModelConfig, family: str, sd: dict) -> dict[str, torch
     for ours, theirs, transposed in names:
         t = sd[ours]
         out[theirs] = t.t().contiguous() if transposed else t.contiguous()
-    if family == "llama":
+    if family in ("llama", "mixtral"):
         q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         for i in range(cfg.n_layer):
             a = f"model.layers.{i}.self_attn."
@@ -277,7 +347,7 @@ def state_dict_to_hf(cfg: ModelConfig, family: str, sd: dict) -> dict[str, torch
 
 
 def from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
-    """Convert a Hugging Face GPT-2 / Llama folder into an lmforge run directory."""
+    """Convert a Hugging Face GPT-2 / Llama / Mixtral folder into an lmforge run directory."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise LmforgeError(f"Hugging Face folder not found: {hf_dir}")

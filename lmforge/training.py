@@ -24,6 +24,7 @@ from .errors import LmforgeError
 from .generation import generate
 from .io import write_json_atomic
 from .models import build_model
+from .models import moe
 from .optim import build_optimizers
 from .perf import choose_precision, cpu_has_native_bf16, flops_per_token, peak_flops
 from .runs import METRICS, TOKENIZER, WEIGHTS, load_config, save_config
@@ -115,6 +116,7 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     seq_len = min(seq_len, int(max(data.lengths)) - 1)
     gen = torch.Generator().manual_seed(1234)
     nats, count, nbytes = 0.0, 0, 0
+    moe.routing_stats(model, training=False)  # MoE layers: count the routing of these batches only
     for _ in range(batches):
         x, y = data.batch(batch_size, seq_len, gen)
         x, y = x.to(device), y.to(device)
@@ -128,6 +130,8 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
     if nbytes:
         out["val_bpb"] = nats / math.log(2) / nbytes
+    if routing := moe.routing_stats(model, training=False):
+        out["val_moe_routing"] = routing
     return out
 
 
@@ -376,15 +380,18 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
             loss_sum = torch.zeros((), device=device)
+            aux_sums = {}
             for micro in range(accum):
                 x, y = train_data.batch(tc.batch_size, seq_len, data_gen, dist_info.rank, dist_info.world)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == accum - 1
                 with _maybe_no_sync(wrapped, sync, dist_info, tc), autocast():
                     loss = lm_loss(fwd, x, y)
-                scaled = loss / accum
+                    aux = moe.aux_losses(model)  # MoE router losses {name: (coef, value)}; {} for dense models
+                scaled = (loss + sum(c * v for c, v in aux.values())) / accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach()
+                aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / accum for k, (_, v) in aux.items()}
             if scaler is not None:
                 for opt in optimizers:
                     scaler.unscale_(opt)
@@ -408,12 +415,14 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
                 p = progress_of(step, tokens, elapsed)
                 eta = elapsed * (1 - p) / p if p > 0 else 0.0
                 mfu = rate * flops_tok / (peak * dist_info.world) if peak else None
+                extra = moe.training_metrics(model, aux_sums)  # router losses and expert load; {} for dense models
                 rec = {"step": step, "tokens": tokens, "loss": loss_v, "lr": tc.lr * factor, "tokens_per_s": rate, "elapsed": round(elapsed, 2)}
                 if mfu is not None:
                     rec["mfu"] = mfu
-                metrics.write(rec)
+                metrics.write({**rec, **extra})
                 log(f"step {step:>6} | loss {loss_v:.4f} | lr {tc.lr * factor:.2e} | {rate:,.0f} tok/s"
-                    + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "") + f" | {100 * p:5.1f}% | ETA {_fmt_time(eta)}")
+                    + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "") + f" | {100 * p:5.1f}% | ETA {_fmt_time(eta)}"
+                    + moe.describe(extra))
             done = progress_of(step, tokens, elapsed) >= 1.0
             if step % tc.eval_interval == 0 and not done:
                 last_eval = run_eval()

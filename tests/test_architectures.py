@@ -18,6 +18,11 @@ COMBOS = {
     "window-softcaps": dict(pos="rope", sliding_window=6, attn_softcap=20.0, logit_softcap=15.0),
     "rope-ntk-window-gqa": dict(pos="rope", rope_scaling={"type": "ntk", "factor": 2.0}, sliding_window=5, n_kv_head=2, norm="rmsnorm"),
     "rope-linear-learned-eps": dict(pos="rope", rope_scaling={"type": "linear", "factor": 4.0}, norm_eps=1e-6, dropout=0.1),
+    "moe-llama-capacity": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, bias=False, moe_experts=4, moe_top_k=2,
+                               moe_d_ff=24, moe_capacity_factor=1.0),
+    "moe-gpt2-every2-shared-top1": dict(moe_experts=3, moe_top_k=1, moe_every=2, moe_shared_expert=True, moe_renormalize=False,
+                                        moe_jitter=0.1, moe_capacity_factor=0.5),
+    "moe-window-geglu-top3": dict(pos="rope", sliding_window=6, mlp="geglu", moe_experts=5, moe_top_k=3, moe_z_loss_coef=0.0),
 }
 
 

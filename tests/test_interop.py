@@ -30,6 +30,14 @@ def llama_reference(**kw):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
 
 
+def mixtral_reference(**kw):
+    args = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1, rms_norm_eps=1e-5,
+                bos_token_id=0, eos_token_id=0)
+    args.update(kw)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**args))
+
+
 REFERENCES = {
     "gpt2": lambda: gpt2_reference(),
     "gpt2-untied-gelu": lambda: gpt2_reference(tie_word_embeddings=False, activation_function="gelu", n_inner=96),
@@ -38,6 +46,9 @@ REFERENCES = {
     "llama-rope-linear": lambda: llama_reference(rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5000.0),
     "llama-rope-llama3": lambda: llama_reference(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mixtral": lambda: mixtral_reference(),
+    "mixtral-window-top3-tied": lambda: mixtral_reference(sliding_window=7, num_local_experts=6, num_experts_per_tok=3,
+                                                          num_key_value_heads=1, tie_word_embeddings=True, rope_theta=5000.0),
 }
 
 
@@ -95,7 +106,7 @@ def test_bin_weights_are_read_without_pickle(tmp_path, small_tokenizer):
         assert (model(x) - ref(x).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-rope-llama3", "llama-mqa-tied-bias"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-rope-llama3", "llama-mqa-tied-bias", "mixtral", "mixtral-window-top3-tied"])
 def test_round_trip_is_bit_identical(name, tmp_path, small_tokenizer):
     torch.manual_seed(0)
     save_reference(REFERENCES[name](), tmp_path / "hf", small_tokenizer)
@@ -153,3 +164,39 @@ def test_cli_convert_round_trip(tiny_run, tmp_path, capsys):
     assert code == 0, err
     code, out, err = run_cli(capsys, "generate", tmp_path / "back", "--prompt", "1: the", "--max-new-tokens", 5, "--greedy")
     assert code == 0 and out.startswith("1: the")
+
+
+def test_mixtral_fused_expert_layout_is_read(tmp_path, small_tokenizer):
+    """transformers 5 holds experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj); a checkpoint in that layout loads too."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = mixtral_reference().eval()
+    hf = save_reference(ref, tmp_path / "hf", small_tokenizer)
+    (st,) = hf.glob("*.safetensors")
+    fused = {k: v.contiguous() for k, v in ref.state_dict().items()}  # the in-memory (fused) names
+    assert "model.layers.0.mlp.experts.gate_up_proj" in fused and not any("block_sparse_moe" in k for k in fused)
+    save_file(fused, str(st))
+    model, _ = load(interop.from_hf(hf, tmp_path / "run"))
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max().item() < 1e-4
+    # and a wrongly shaped fused tensor is a clear error
+    fused["model.layers.1.mlp.experts.down_proj"] = fused["model.layers.1.mlp.experts.down_proj"][:, :, :5].contiguous()
+    save_file(fused, str(st))
+    with pytest.raises(LmforgeError, match="expert tensors of layer 1 have shapes"):
+        interop.from_hf(hf, tmp_path / "run2")
+
+
+def test_mixtral_config_mapping(tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    ref = mixtral_reference(router_aux_loss_coef=0.02, router_jitter_noise=0.01, sliding_window=16)
+    run = interop.from_hf(save_reference(ref, tmp_path / "hf", small_tokenizer), tmp_path / "run")
+    cfg = load(run)[0].config
+    assert (cfg.moe_experts, cfg.moe_top_k, cfg.moe_d_ff, cfg.moe_every, cfg.moe_capacity_factor) == (4, 2, 48, 1, None)
+    assert cfg.moe_renormalize and not cfg.moe_shared_expert and cfg.sliding_window == 16 and cfg.rope_theta == 1e6
+    # transformers' balance loss is top_k times ours: the same penalty needs top_k times the coefficient
+    assert cfg.moe_aux_loss_coef == pytest.approx(0.04) and cfg.moe_jitter == 0.01 and cfg.moe_z_loss_coef == 0.0
+    back = json.loads((interop.to_hf(run, tmp_path / "hf2") / "config.json").read_text())
+    assert back["router_aux_loss_coef"] == pytest.approx(0.02) and back["sliding_window"] == 16
+    assert back["architectures"] == ["MixtralForCausalLM"] and back["num_local_experts"] == 4

@@ -1,11 +1,12 @@
 """Decoder-only transformer language model (GPT-2 and its modern descendants).
 
 One code path, chosen by `ModelConfig`: GPT-2 (learned positions, LayerNorm, GELU, tied
-head) by default; Llama-style with pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head < n_head.
+head) by default; Llama-style with pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head < n_head;
+Mixtral-style with moe_experts > 0 (feed-forward layers replaced by routed experts, models/moe.py).
 
     tokens (B, T)
       -> token embedding (+ learned or sinusoidal positions)   (B, T, d_model)
-      -> n_layer x Block: x + Attn(Norm(x)); x + MLP(Norm(x))  (pre-norm residual)
+      -> n_layer x Block: x + Attn(Norm(x)); x + MLP(Norm(x))  (pre-norm residual; MLP or MoE)
       -> final Norm -> LM head                                  (B, T, vocab_size)
 """
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from . import moe
 from .layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
@@ -27,7 +29,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
         self.attn = Attention(cfg, layer_idx)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
-        self.mlp = MLP(cfg)
+        self.mlp = moe.MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None):
@@ -57,7 +59,7 @@ class DecoderLM(nn.Module):
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer) so the residual stream keeps its size.
         for block in self.blocks:
-            for lin in (block.attn.proj, block.mlp.down):
+            for lin in (block.attn.proj, *(m.down for m in block.mlp.modules() if isinstance(m, MLP))):
                 nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):
@@ -73,6 +75,10 @@ class DecoderLM(nn.Module):
         if not embeddings:
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
+
+    def num_active_params(self) -> int:
+        """Parameters used for each token: of a MoE layer's experts, only the top_k a token is routed to count."""
+        return self.num_params() - moe.num_inactive_params(self)
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config

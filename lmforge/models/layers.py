@@ -209,16 +209,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU / ReLU² (up, act, down) or gated SwiGLU / GeGLU (gate * up, down)."""
+    """Position-wise feed-forward: GELU / ReLU² (up, act, down) or gated SwiGLU / GeGLU (gate * up, down).
 
-    def __init__(self, cfg):
+    `hidden` overrides the hidden size (cfg.ff_dim), e.g. for the experts of a Mixture of Experts.
+    """
+
+    def __init__(self, cfg, hidden: int | None = None):
         super().__init__()
         self.kind = cfg.mlp
         self.gated = cfg.mlp in ("swiglu", "geglu")
+        hidden = hidden or cfg.ff_dim
         if self.gated:
-            self.gate = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
-        self.up = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+            self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
         if self.kind == "swiglu":
