@@ -68,8 +68,13 @@ def _time_steps(model, optimizers, batch_size, seq_len, vocab, device, autocast,
 
 
 def bench_train(preset_name: str = "tiny", steps: int = 10, warmup: int = 3, rounds: int = 3, batch_size: int | None = None,
-                seq_len: int | None = None, compile: bool = False, precision: str = "fp32", device: str = "auto", log=print) -> dict:
-    """Steady-state training tokens/s and MFU of lmforge and of the textbook reference, interleaved, same sizes."""
+                seq_len: int | None = None, compile: bool = False, precision: str = "auto", ref_precision: str = "fp32",
+                device: str = "auto", log=print) -> dict:
+    """Steady-state training tokens/s and MFU of lmforge and of the textbook reference, interleaved, same sizes.
+
+    lmforge runs as `lmforge train` would (its precision choice, optimizer split); the reference is
+    the textbook fp32 setup unless ref_precision says otherwise.
+    """
     cfg = preset(preset_name)
     mcfg, tcfg = cfg.model, cfg.train
     dev = pick_device(device)
@@ -77,6 +82,7 @@ def bench_train(preset_name: str = "tiny", steps: int = 10, warmup: int = 3, rou
     B = batch_size or tcfg.batch_size
     T = seq_len or mcfg.block_size
     autocast = autocast_for(dev, precision)
+    ref_autocast = autocast_for(dev, ref_precision)
     ref_mod = load_reference()
     torch.manual_seed(0)
     ours = build_model(mcfg).to(dev)
@@ -89,18 +95,21 @@ def bench_train(preset_name: str = "tiny", steps: int = 10, warmup: int = 3, rou
     times = {"lmforge": [], "reference": []}
     for _ in range(rounds):  # interleave so background load hits both alike
         times["lmforge"].append(_time_steps(ours_fwd, ours_opts, B, T, mcfg.vocab_size, dev, autocast, steps, warmup))
-        times["reference"].append(_time_steps(ref, [ref_opt], B, T, mcfg.vocab_size, dev, autocast, steps, warmup))
+        times["reference"].append(_time_steps(ref, [ref_opt], B, T, mcfg.vocab_size, dev, ref_autocast, steps, warmup))
         warmup = 1
-    out = {"preset": preset_name, "batch": B, "seq_len": T, "precision": precision, "device": str(dev), "compile": compile}
+    ref_precision = choose_precision(ref_precision, dev)
+    out = {"preset": preset_name, "batch": B, "seq_len": T, "precision": precision, "ref_precision": ref_precision, "device": str(dev),
+           "compile": compile}
     for name, ts in times.items():
         best = min(ts)
         tps = B * T / best
-        out[name] = {"tokens_per_s": tps, "mfu": tps * flops / peak if peak else None, "step_s": best}
+        pk = peak if name == "lmforge" else peak_flops(dev, ref_precision)
+        out[name] = {"tokens_per_s": tps, "mfu": tps * flops / pk if pk else None, "step_s": best}
     out["ratio"] = out["lmforge"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
-    log(f"bench train: preset {preset_name}, batch {B} x {T}, {precision}, {dev}{', compiled' if compile else ''}; best of {rounds} x {steps} steps")
-    for name in ("lmforge", "reference"):
+    log(f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{', compiled' if compile else ''}; best of {rounds} x {steps} steps")
+    for name, prec in (("lmforge", precision), ("reference", ref_precision)):
         r = out[name]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        log(f"  {name:<10} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6}   {1000 * r['step_s']:.0f} ms/step")
+        log(f"  {name:<10} {prec:<5} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6} (of the {prec} peak)   {1000 * r['step_s']:.0f} ms/step")
     log(f"  ratio      {out['ratio']:.2f}x")
     return out

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch-size", type=int)
     bt.add_argument("--seq-len", type=int)
     bt.add_argument("--compile", action="store_true")
-    bt.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    bt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="lmforge's precision (default auto)")
+    bt.add_argument("--ref-precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="the reference's (default fp32)")
     bt.add_argument("--device", default="auto")
 
     cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
@@ -306,7 +307,7 @@ def _bench(args):
         bench.bench_matmul()
     elif args.bench_verb == "train":
         bench.bench_train(args.preset, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len,
-                          compile=args.compile, precision=args.precision, device=args.device)
+                          compile=args.compile, precision=args.precision, ref_precision=args.ref_precision, device=args.device)
     else:
         raise LmforgeError("usage: lmforge bench {matmul,train} ...")
 
