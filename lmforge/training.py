@@ -1,4 +1,9 @@
-"""The training loop: data, optimiser, schedule, accumulation, clipping, evaluation, checkpoints."""
+"""The training loop: data, optimiser, schedule, accumulation, clipping, evaluation, checkpoints.
+
+The loop is the same for every model family; what differs (data, batches, loss, evaluation, samples)
+comes from a task object: `LMTask` here for decoder-only language models, `seq2seq.Seq2SeqTask`
+for encoder–decoder models.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +67,8 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
             raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
         return Path(spec), Tokenizer.from_file(tok_path)
     files = datamod.discover(spec)
-    key = hashlib.sha256(json.dumps([datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]).encode()).hexdigest()[:16]
+    key_parts = [datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1] + (["split_digits"] if train_cfg.split_digits else [])
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     cache = cache_root / f"data-{key}"
     done = cache / "done.json"
     if done.is_file() and (cache / TOKENIZER).is_file():
@@ -71,7 +77,7 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
     name = "the Python standard library" if spec is None else str(spec)
     log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
     t0 = time.time()
-    tok = Tokenizer.train(datamod.text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size)
+    tok = Tokenizer.train(datamod.text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size, split_digits=train_cfg.split_digits)
     if tok.vocab_size <= 257:
         raise LmforgeError(f"no usable text in {name}")
     cache.mkdir(parents=True, exist_ok=True)
@@ -108,9 +114,9 @@ def lr_at(cfg, step: int, progress: float) -> float:
     return cfg.lr * warm * cosine
 
 
-def lm_loss(model, x, y, reduction: str = "mean"):
+def lm_loss(model, x, y, reduction: str = "mean", label_smoothing: float = 0.0):
     logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
@@ -135,6 +141,76 @@ def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batc
     if nbytes:
         out["val_bpb"] = nats / math.log(2) / nbytes
     return out
+
+
+# --- tasks: what the loop trains on ----------------------------------------------------------------
+
+
+class LMTask:
+    """Next-token prediction on token shards: the decoder-only language model."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data, resume: bool, cache_root: str | Path | None, log=print):
+        self.cfg, self.data = cfg, data
+        if resume:
+            self.tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
+            shard_dir = Path(json.loads((run_dir / "data.json").read_text())["shards"]) if (run_dir / "data.json").is_file() else None
+            if shard_dir is None or not shard_dir.is_dir():
+                raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
+        else:
+            shard_dir, self.tokenizer = ensure_data(data, cfg.train, Path(cache_root) if cache_root else run_dir.parent / "cache", log)
+            cfg.model.vocab_size = round_up(self.tokenizer.vocab_size)
+        self.shard_dir = shard_dir
+        tc = cfg.train
+        self.seq_len = seq_len = tc.seq_len or cfg.model.block_size
+        if seq_len > cfg.model.block_size:
+            raise LmforgeError(f"seq_len {seq_len} exceeds the model's block_size {cfg.model.block_size}")
+        self.train_data = datamod.TokenData(shard_dir, "train")
+        self.val_data = datamod.TokenData(shard_dir, "val")
+        self.train_data.check(seq_len, cfg.model.vocab_size)
+        if self.val_data.total < 2:
+            raise LmforgeError(f"validation split in {shard_dir} is empty")
+        self.micro_tokens = tc.batch_size * seq_len
+        self.byte_lengths = torch.tensor(self.tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - self.tokenizer.vocab_size))
+
+    def save_files(self, run_dir: Path) -> None:
+        shard_dir = self.shard_dir
+        shutil.copyfile(shard_dir / TOKENIZER, run_dir / TOKENIZER) if (shard_dir / TOKENIZER).is_file() else self.tokenizer.save(run_dir / TOKENIZER)
+        write_json_atomic(run_dir / "data.json", {"shards": str(shard_dir.resolve()), "data": None if self.data is None else str(self.data)})
+
+    def describe(self, model, accum: int) -> list[str]:
+        cfg, tc = self.cfg, self.cfg.train
+        return [f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
+                f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}",
+                f"train: {self.train_data.total:,} tokens; {accum * self.micro_tokens:,} tokens per step ({tc.batch_size} x {self.seq_len} x {accum} accumulation)"]
+
+    def batch(self, generator: torch.Generator, device):
+        """((x, y) on device, number of predicted tokens)."""
+        x, y = self.train_data.batch(self.cfg.train.batch_size, self.seq_len, generator)
+        return (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel()
+
+    def loss(self, model, batch):
+        return lm_loss(model, *batch, label_smoothing=self.cfg.train.label_smoothing)
+
+    def evaluate(self, model, device) -> dict:
+        tc = self.cfg.train
+        return evaluate(model, self.val_data, tc.batch_size, self.seq_len, tc.eval_batches, self.byte_lengths, device)
+
+    def format_eval(self, res: dict) -> str:
+        bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
+        return f"val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}"
+
+    def sample(self, model, step: int) -> str:
+        tc = self.cfg.train
+        return generate(model, self.tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
+
+
+def make_task(cfg: Config, run_dir: Path, data, resume: bool, cache_root, log):
+    """The task object for cfg's model family (see LMTask for what a task provides)."""
+    if cfg.family == "seq2seq":
+        from .seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask(cfg, run_dir, data, resume, log)
+    return LMTask(cfg, run_dir, data, resume, cache_root, log)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -193,43 +269,29 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
           stop_after_steps: int | None = None, log=print) -> RunResult:
     """Train (or resume) a run in run_dir on data (None = the default corpus).
 
+    The model family comes from cfg (a decoder LM on text, or seq2seq on a pairs file or `pairs.Demo`).
     stop_after_steps ends the run at that step as if interrupted (checkpoint saved, schedule
     unchanged), so a long run can be done in chunks with resume.
     """
     run_dir = Path(run_dir)
     if resume:
         cfg = load_config(run_dir)
-        tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
-        shard_dir = Path(json.loads((run_dir / "data.json").read_text())["shards"]) if (run_dir / "data.json").is_file() else None
-        if shard_dir is None or not shard_dir.is_dir():
-            raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
     else:
         if (run_dir / WEIGHTS).exists():
             raise LmforgeError(f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run")
         cfg.validate()
-        shard_dir, tokenizer = ensure_data(data, cfg.train, Path(cache_root) if cache_root else run_dir.parent / "cache", log)
-        cfg.model.vocab_size = round_up(tokenizer.vocab_size)
+    task = make_task(cfg, run_dir, data, resume, cache_root, log)
     tc = cfg.train
     if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
         raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
-    seq_len = tc.seq_len or cfg.model.block_size
-    if seq_len > cfg.model.block_size:
-        raise LmforgeError(f"seq_len {seq_len} exceeds the model's block_size {cfg.model.block_size}")
-    train_data = datamod.TokenData(shard_dir, "train")
-    val_data = datamod.TokenData(shard_dir, "val")
-    train_data.check(seq_len, cfg.model.vocab_size)
-    if val_data.total < 2:
-        raise LmforgeError(f"validation split in {shard_dir} is empty")
 
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, tc, device)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    micro_tokens = tc.batch_size * seq_len
+    micro_tokens = task.micro_tokens  # (nominal) tokens per micro-batch
     accum = max(1, math.ceil((tc.tokens_per_step or micro_tokens) / micro_tokens))
-    step_tokens = accum * micro_tokens
-    byte_lengths = torch.tensor(tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
 
     step, tokens, elapsed = 0, 0, 0.0
     if resume:
@@ -245,13 +307,12 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
         log(f"resuming {run_dir} at step {step} ({tokens:,} tokens, {elapsed:.0f}s)")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shard_dir / TOKENIZER, run_dir / TOKENIZER) if (shard_dir / TOKENIZER).is_file() else tokenizer.save(run_dir / TOKENIZER)
-        write_json_atomic(run_dir / "data.json", {"shards": str(shard_dir.resolve()), "data": None if data is None else str(data)})
+        task.save_files(run_dir)
         save_config(run_dir, cfg)
 
-    log(f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
-        f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}; device {device}")
-    log(f"train: {train_data.total:,} tokens; {step_tokens:,} tokens per step ({tc.batch_size} x {seq_len} x {accum} accumulation)")
+    model_line, train_line = task.describe(model, accum)
+    log(f"{model_line}; device {device}")
+    log(train_line)
 
     def progress_of(step, tokens, elapsed):
         parts = [0.0]
@@ -271,14 +332,13 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
         })
 
     def run_eval():
-        res = evaluate(model, val_data, tc.batch_size, seq_len, tc.eval_batches, byte_lengths, device)
+        res = task.evaluate(model, device)
         res.update(step=step, tokens=tokens, elapsed=round(elapsed, 2))
         _append_metrics(run_dir / METRICS, res)
-        bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
-        log(f"eval step {step}: val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}")
+        log(f"eval step {step}: {task.format_eval(res)}")
         if tc.sample_tokens:
             model.eval()
-            sample = generate(model, tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
+            sample = task.sample(model, step)
             model.train()
             log("sample: " + sample.strip("\n")[:600])
         return res
@@ -297,12 +357,13 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
             for _ in range(accum):
-                x, y = train_data.batch(tc.batch_size, seq_len, data_gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = lm_loss(model, x, y)
+                batch, n_tokens = task.batch(data_gen, device)
+                loss = task.loss(model, batch)
                 (loss / accum).backward()
                 loss_sum += loss.detach()
+                step_tokens += n_tokens
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
