@@ -166,7 +166,10 @@ def _sort(rng: random.Random) -> Pair:
 
 @dataclass(frozen=True)
 class Demo:
-    """A task generated in code: `size` distinct sources drawn with `make`, split by a hash of the source."""
+    """A task generated in code: `size` examples drawn with `make`, split by a hash of the source.
+
+    The training split keeps repeated draws (so the few short numbers are seen as often as the task
+    produces them); validation and test keep each source once; no source is in two splits."""
 
     name: str
     description: str
@@ -179,8 +182,8 @@ class Demo:
 
 
 DEMOS = {d.name: d for d in [
-    Demo("numbers", "spelled-out English numbers to digits: 'four hundred two' -> '402'", _numbers, 100_000),
-    Demo("spell", "digits to spelled-out English numbers: '402' -> 'four hundred two'", _spell, 100_000),
+    Demo("numbers", "spelled-out English numbers to digits: 'four hundred two' -> '402'", _numbers, 150_000),
+    Demo("spell", "digits to spelled-out English numbers: '402' -> 'four hundred two'", _spell, 150_000),
     Demo("dates", "dates in four formats to ISO: 'March 5, 2021' -> '2021-03-05'", _dates, 60_000),
     Demo("reverse", "reverse a sequence of letters: 'k f a' -> 'a f k'", _reverse, 60_000),
     Demo("sort", "sort a sequence of letters: 'k f a' -> 'a f k'", _sort, 60_000),
@@ -197,15 +200,16 @@ def demo(name: str) -> Demo:
 def _demo_splits(name: str) -> dict[str, list[Pair]]:
     d = DEMOS[name]
     rng = random.Random(f"lmforge-demo-{name}")
-    seen: dict[str, str] = {}
-    while len(seen) < d.size:
+    train: list[Pair] = []
+    held_out: dict[str, dict[str, str]] = {"val": {}, "test": {}}
+    for _ in range(d.size):
         source, target = d.make(rng)
-        seen.setdefault(source, target)
-    splits: dict[str, list[Pair]] = {"train": [], "val": [], "test": []}
-    for source, target in seen.items():
         bucket = int.from_bytes(hashlib.sha256(source.encode()).digest()[:4], "little") % 50
-        splits["test" if bucket == 0 else "val" if bucket == 1 else "train"].append((source, target))
-    return splits
+        if bucket > 1:
+            train.append((source, target))
+        else:
+            held_out["test" if bucket == 0 else "val"].setdefault(source, target)
+    return {"train": train, "val": list(held_out["val"].items()), "test": list(held_out["test"].items())}
 
 
 # --- tokenising -----------------------------------------------------------------------------------
