@@ -219,7 +219,8 @@ class Seq2SeqTask:
     """What `training.train` needs for an encoder–decoder run: its data, batches, loss, evaluation and samples.
 
     DATA is a .jsonl/.tsv file of pairs (split into train/val by `val_fraction`) or a `pairs.Demo`
-    (its own train/val split; its test split stays unseen for `lmforge eval --demo`)."""
+    (its own train/val split; its test split stays unseen for `lmforge eval --demo`). Tokens, for the
+    budget, progress and tokens_per_step, are target tokens (with EOS)."""
 
     def __init__(self, cfg, run_dir: Path, data, resume: bool, log=print):
         tc, mc = cfg.train, cfg.model

@@ -67,7 +67,9 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
             raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
         return Path(spec), Tokenizer.from_file(tok_path)
     files = datamod.discover(spec)
-    key_parts = [datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1] + (["split_digits"] if train_cfg.split_digits else [])
+    key_parts = [datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]
+    if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
+        key_parts.append("split_digits")
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     cache = cache_root / f"data-{key}"
     done = cache / "done.json"
