@@ -188,7 +188,6 @@ def _train(args, extra):
             raise LmforgeError("--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides")
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
-    data = _data_spec(args.data)
     if family == "seq2seq":
         from .pairs import demo
 
@@ -197,6 +196,8 @@ def _train(args, extra):
         if not args.demo and args.data is None:
             raise LmforgeError("--task seq2seq needs DATA (a .jsonl or .tsv file of pairs) or --demo NAME")
         data = demo(args.demo) if args.demo else args.data
+    else:
+        data = _data_spec(args.data)
     name = args.preset or ("tiny" if family == "decoder" else "seq2seq-tiny")
     cfg = C.preset(name, family)
     budget_given = {k for sec in overrides.values() for k in sec if k in BUDGET_KEYS}
@@ -292,8 +293,6 @@ def _generate_seq2seq(args, model, tok):
         raise LmforgeError(f"{args.run} is a seq2seq model: give --source or --source-file (--prompt is for language models)")
     if args.source is not None and args.source_file is not None:
         raise LmforgeError("give --source or --source-file, not both")
-    if args.beam_size < 1:
-        raise LmforgeError("--beam-size must be at least 1")
 
     def run(sources):
         for out in translate(model, tok, sources, args.beam_size, args.length_penalty, args.max_new_tokens):
@@ -332,8 +331,6 @@ def _eval_seq2seq(args, model, tok):
 
     if (args.data is None) == (args.demo is None):
         raise LmforgeError("eval of a seq2seq run needs --data PAIRS (.jsonl or .tsv) or --demo NAME")
-    if args.beam_size < 1:
-        raise LmforgeError("--beam-size must be at least 1")
     pairs = demo(args.demo).pairs("test") if args.demo else read_pairs(args.data)
     res = evaluate_pairs(model, tok, pairs, args.beam_size, args.length_penalty)
     print(f"pairs {res['pairs']:,} | loss {res['loss']:.4f} | exact match {100 * res['exact_match']:.2f}% | "

@@ -82,8 +82,7 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor | None, bos_id:
     instead loses the answer of a confident model to short junk hypotheses). With beam_size 1 this is greedy
     decoding. At the length limit, live hypotheses count as (unfinished) results.
     """
-    if beam_size < 1:
-        raise LmforgeError("beam size must be at least 1")
+    _check_beam_size(beam_size)
     steps = _max_new_tokens(model, max_new_tokens)
     B, K, device = src.shape[0], beam_size, src.device
     memory = model.encode(src, src_mask).repeat_interleave(K, 0)  # (B*K, S, d_model): every beam of input b reads its memory
@@ -141,6 +140,7 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor | None, bos_id:
 def translate(model, tokenizer: PairTokenizer, sources: list[str], beam_size: int = 4, length_penalty: float = 1.0,
               max_new_tokens: int | None = None, batch_size: int = 64, warn=None) -> list[str]:
     """The best output text for each source (beam_size 1 = greedy). Sources are batched by length."""
+    _check_beam_size(beam_size)
     if not sources:
         return []
     device = next(model.parameters()).device
@@ -169,6 +169,11 @@ def translate(model, tokenizer: PairTokenizer, sources: list[str], beam_size: in
     return outputs
 
 
+def _check_beam_size(beam_size: int) -> None:
+    if beam_size < 1:
+        raise LmforgeError(f"beam size must be at least 1, got {beam_size}")
+
+
 def _warn(msg: str) -> None:
     import sys
 
@@ -185,6 +190,7 @@ def evaluate_pairs(model, tokenizer: PairTokenizer, pairs: list[Pair], beam_size
 
     Exact match compares output and target with surrounding whitespace stripped. Pairs too long for the
     model are left out (with a warning)."""
+    _check_beam_size(beam_size)
     try:
         import sacrebleu
     except ImportError:

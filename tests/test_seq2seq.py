@@ -1,6 +1,8 @@
 """Seq2seq training through the shared loop, learning a demo task, resume, evaluation, and the CLI end to end."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +155,14 @@ def test_cli_train_generate_eval(tmp_path, capsys, pairs_file):
     assert code == 0, err
 
 
+def test_generate_interactive(learned_run):
+    r = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(learned_run[0]), "--beam-size", "1"],
+                       input="March 5, 2021\nJan 2 1999\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("> ")
+    assert lines[0] == "" and len(lines) == 4 and all(line.endswith("\n") for line in lines[1:3])  # prompt, output, twice
+
+
 def test_cli_bad_inputs(tmp_path, capsys, tiny_run, learned_run):
     malformed = tmp_path / "bad.jsonl"
     malformed.write_text('{"source": "a", "target": "b"}\n{"source": "a", "target": "b"\n')
@@ -168,7 +178,9 @@ def test_cli_bad_inputs(tmp_path, capsys, tiny_run, learned_run):
         (["train", "--demo", "dates", "--seq_len", "8", "--out", tmp_path / "o5"], "seq_len does not apply"),
         (["generate", s2s_run, "--prompt", "a b"], "give --source"),
         (["generate", s2s_run, "--source-file", tmp_path / "none.txt"], "source file not found"),
-        (["generate", s2s_run, "--source", "a", "--beam-size", "0"], "--beam-size must be at least 1"),
+        (["generate", s2s_run, "--source", "a", "--beam-size", "0"], "beam size must be at least 1"),
+        (["eval", s2s_run, "--demo", "dates", "--beam-size", "-1"], "beam size must be at least 1"),
+        (["train", "--demo", "dates", tmp_path / "x.jsonl"], "give DATA or --demo, not both"),
         (["generate", tiny_run, "--source", "a b"], "is a language model"),
         (["eval", s2s_run, "--data", malformed], "bad.jsonl:2: not valid JSON"),
         (["eval", s2s_run], "needs --data PAIRS"),
