@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0; seq2seq: beam size 1)")
     ge.add_argument("--device", default="cpu")
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)")
@@ -294,8 +294,10 @@ def _generate_seq2seq(args, model, tok):
     if args.source is not None and args.source_file is not None:
         raise LmforgeError("give --source or --source-file, not both")
 
+    beam_size = 1 if args.greedy else args.beam_size
+
     def run(sources):
-        for out in translate(model, tok, sources, args.beam_size, args.length_penalty, args.max_new_tokens):
+        for out in translate(model, tok, sources, beam_size, args.length_penalty, args.max_new_tokens):
             print(out, flush=True)
 
     if args.source is not None or args.source_file is not None:

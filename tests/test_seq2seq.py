@@ -139,6 +139,8 @@ def test_cli_train_generate_eval(tmp_path, capsys, pairs_file):
     sources.write_text("c b a\n\nz y\nq\n")
     code, out, err = run_cli(capsys, "generate", run, "--source-file", sources, "--beam-size", 1, "--max-new-tokens", 6)
     assert code == 0 and len(out.splitlines()) == 3, err
+    code, out2, err = run_cli(capsys, "generate", run, "--source-file", sources, "--greedy", "--max-new-tokens", 6)
+    assert code == 0 and out2 == out, err
     test_pairs = write_pairs(tmp_path / "test.jsonl", pairs.demo("sort").pairs("test")[:20])
     code, out, err = run_cli(capsys, "eval", run, "--data", test_pairs, "--beam-size", 2)
     assert code == 0, err
