@@ -269,14 +269,19 @@ def _generate(args):
     if args.prompt is not None:
         run_one(args.prompt)
         return
-    print("interactive mode: type a prompt and press Enter (Ctrl-D or Ctrl-C to quit)", file=sys.stderr)
+    _interactive("prompt", lambda prompt: run_one(prompt.replace("\\n", "\n")))
+
+
+def _interactive(what: str, handle) -> None:
+    """Pass each line typed on stdin to handle, until end of input or Ctrl-C."""
+    print(f"interactive mode: type a {what} and press Enter (Ctrl-D or Ctrl-C to quit)", file=sys.stderr)
     while True:
         try:
-            prompt = input("> ")
+            line = input("> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
-        run_one(prompt.replace("\\n", "\n"))
+        handle(line)
 
 
 def _is_seq2seq(model) -> bool:
@@ -302,14 +307,7 @@ def _generate_seq2seq(args, model, tok):
 
     if args.source is not None or args.source_file is not None:
         return run([args.source] if args.source is not None else read_sources(args.source_file))
-    print("interactive mode: type a source and press Enter (Ctrl-D or Ctrl-C to quit)", file=sys.stderr)
-    while True:
-        try:
-            source = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        run([source])
+    _interactive("source", lambda source: run([source]))
 
 
 def _eval(args):

@@ -99,13 +99,8 @@ class Seq2SeqConfig:
     bias: bool = True
     dropout: float = 0.1  # on the embeddings and on every sub-layer output
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
+    head_dim = ModelConfig.head_dim  # d_model // n_head
+    ff_dim = ModelConfig.ff_dim  # d_ff, or 4 * d_model
 
     def validate(self) -> None:
         def need(cond, msg):
