@@ -103,8 +103,9 @@ def test_learns_the_dates_demo(learned_run):
     assert res["chrf"] > 80 and result.final["val_exact_match"] >= 0.5
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] > 5 * records[-2]["loss"]
-    beam = evaluate_pairs(model, tok, test, beam_size=4, warn=quiet)
-    assert beam["exact_match"] >= res["exact_match"] - 0.02  # beam search is not worse than greedy here
+    greedy_100 = sum(o == t for o, (_, t) in zip(res["outputs"][:100], test[:100]))
+    beam_100 = sum(o == t for o, (_, t) in zip(translate(model, tok, [s for s, _ in test[:100]], beam_size=4), test[:100]))
+    assert beam_100 >= greedy_100 - 2  # beam search is not worse than greedy here
 
 
 def test_translate_batches_and_keeps_order(learned_run):
