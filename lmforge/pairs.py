@@ -128,7 +128,8 @@ def spell_number(n: int) -> str:
 
 
 def _random_number(rng: random.Random) -> int:
-    digits = rng.randint(1, 6)  # as many short numbers as long ones
+    """0 .. 999,999; each extra digit twice as likely, so long numbers dominate while every short one is still common."""
+    digits = rng.choices(range(1, 7), weights=[1, 2, 4, 8, 16, 32])[0]
     return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
 

@@ -85,8 +85,9 @@ def test_demo_splits_are_deterministic_and_disjoint(name):
 
 def test_short_numbers_are_trained_as_often_as_drawn():
     train = pairs.demo("numbers").pairs("train")
-    one_digit = sum(len(t) == 1 for _, t in train)
-    assert 0.13 < one_digit / len(train) < 0.2  # a sixth of the draws have one digit (3 of the 10 may be held out)
+    by_digits = [sum(len(t) == k for _, t in train) / len(train) for k in range(1, 7)]
+    assert 0.005 < by_digits[0] < 0.02 and 0.45 < by_digits[5] < 0.55  # 1/63 and 32/63 of the draws
+    assert sum(t == "7" for _, t in train) > 100 or sum(t == "8" for _, t in train) > 100  # short numbers repeat
 
 
 def test_demo_examples_are_correct():
