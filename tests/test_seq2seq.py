@@ -76,8 +76,12 @@ def test_loss_ignores_padding_and_label_smoothing_raises_it(tmp_path, pairs_file
         together = seq2seq_loss(model, pairs.collate(src, tgt, tok), reduction="sum")
         alone = sum(seq2seq_loss(model, pairs.collate([s], [t], tok), reduction="sum") for s, t in zip(src, tgt))
         torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-5)
+        # label smoothing eps: (1 - eps) * NLL + eps * mean over the vocabulary of -log p, at real positions only
         b = pairs.collate(src, tgt, tok)
-        assert seq2seq_loss(model, b, label_smoothing=0.1) != seq2seq_loss(model, b)
+        log_p = model(b.src, b.tgt_in, b.src_mask, b.tgt_mask).log_softmax(-1)[b.tgt_mask]
+        nll = -log_p.gather(1, b.labels[b.tgt_mask][:, None]).mean()
+        expected = 0.9 * nll + 0.1 * -log_p.mean()
+        torch.testing.assert_close(seq2seq_loss(model, b, label_smoothing=0.1), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
