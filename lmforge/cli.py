@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("data", help="file, directory or glob of text ('stdlib' = the Python standard library)")
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--special", action="append", default=[], help="extra special token (repeatable)")
+    tt.add_argument("--split-digits", action="store_true", help="every digit a token of its own (numbers spelt digit by digit)")
     tt.add_argument("--out", default="tokenizer.json")
 
     pr = sub.add_parser("prepare", help="tokenise text into train/val shards")
@@ -32,27 +33,38 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model (no arguments: the tiny preset on the Python standard library)",
                         epilog="Any config field can be set as --key value or --section.key=value, e.g. --n_layer 6 --train.lr=1e-3.")
-    tr.add_argument("data", nargs="?", help="text (file, directory, glob) or a directory of prepared shards; default: the Python standard library")
+    tr.add_argument("data", nargs="?", help="text (file, directory, glob) or a directory of prepared shards; default: the Python standard library. "
+                    "With --task seq2seq: a .jsonl ({\"source\": ..., \"target\": ...} per line) or .tsv file of pairs")
+    tr.add_argument("--task", choices=("lm", "seq2seq"), default=None, help="lm: decoder-only language model (default); seq2seq: encoder–decoder on pairs")
+    tr.add_argument("--demo", metavar="NAME", help="seq2seq on a built-in demo task instead of DATA (implies --task seq2seq): "
+                    "numbers, spell, dates, reverse, sort")
     tr.add_argument("--config", help="TOML (or JSON) file with [model] and [train] tables")
-    tr.add_argument("--preset", default=None, help="named preset (see 'lmforge presets'); default tiny")
+    tr.add_argument("--preset", default=None, help="named preset (see 'lmforge presets'); default tiny, or seq2seq-tiny for --task seq2seq")
     tr.add_argument("--out", help="run directory (default runs/PRESET, or the next free runs/PRESET-N)")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
 
-    ge = sub.add_parser("generate", help="generate text from a trained run")
+    ge = sub.add_parser("generate", help="generate text from a trained run (continue a prompt, or map sources to outputs for seq2seq)")
     ge.add_argument("run")
     ge.add_argument("--prompt", help="text to continue; omit for an interactive prompt loop")
-    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--source", help="seq2seq: the input to transform; omit (and --source-file) for an interactive loop")
+    ge.add_argument("--source-file", help="seq2seq: a file of inputs, one per line (one output line each)")
+    ge.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
+    ge.add_argument("--length-penalty", type=float, default=1.0, help="seq2seq: hypotheses are ranked by log-probability / length ** this")
+    ge.add_argument("--max-new-tokens", type=int, default=None, help="default 200; seq2seq: the model's max_len")
     ge.add_argument("--temperature", type=float, default=0.8)
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0; seq2seq: beam size 1)")
     ge.add_argument("--device", default="cpu")
 
-    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text")
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)")
     ev.add_argument("run")
-    ev.add_argument("--data", required=True, help="text file, directory or glob")
+    ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
+    ev.add_argument("--demo", metavar="NAME", help="seq2seq: the held-out test split of a built-in demo task")
+    ev.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
+    ev.add_argument("--length-penalty", type=float, default=1.0)
     ev.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate on at most this many tokens")
     ev.add_argument("--device", default="cpu")
 
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-_TRAIN_OPTIONS = ("--config", "--preset", "--out", "--resume", "--stop-after-steps")
+_TRAIN_OPTIONS = ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo")
 
 
 def _split_train_args(parser, argv):
@@ -169,7 +181,7 @@ def _tokenizer(args):
     spec = _data_spec(args.data)
     data.discover(spec)  # fail early on a missing path
     skipped = data.SkipCounter()
-    tok = Tokenizer.train(data.corpus_documents(spec, skipped), args.vocab_size, args.special)
+    tok = Tokenizer.train(data.corpus_documents(spec, skipped), args.vocab_size, args.special, args.split_digits)
     if tok.vocab_size <= 256 + 1 + len(args.special):
         raise LmforgeError(f"no usable text in {args.data}")
     if skipped.files:
@@ -197,14 +209,27 @@ def _train(args, extra):
     from . import config as C
     from .training import train
 
-    overrides = C.parse_overrides(extra)
+    if args.demo and args.task == "lm":
+        raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
+    family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
+    overrides = C.parse_overrides(extra, family)
     if args.resume:
-        if args.data or args.config or args.preset or overrides:
-            raise LmforgeError("--resume continues a run as it was configured; it takes no data, preset, config or overrides")
+        if args.data or args.demo or args.task or args.config or args.preset or overrides:
+            raise LmforgeError("--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides")
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
-    name = args.preset or "tiny"
-    cfg = C.preset(name)
+    if family == "seq2seq":
+        from .pairs import demo
+
+        if args.demo and args.data:
+            raise LmforgeError("give DATA or --demo, not both")
+        if not args.demo and args.data is None:
+            raise LmforgeError("--task seq2seq needs DATA (a .jsonl or .tsv file of pairs) or --demo NAME")
+        data = demo(args.demo) if args.demo else args.data
+    else:
+        data = _data_spec(args.data)
+    name = args.preset or ("tiny" if family == "decoder" else "seq2seq-tiny")
+    cfg = C.preset(name, family)
     budget_given = {k for sec in overrides.values() for k in sec if k in BUDGET_KEYS}
     if args.config:
         file_cfg = C.load_file(args.config)
@@ -212,7 +237,7 @@ def _train(args, extra):
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
     out = Path(args.out) if args.out else _free_run_dir(Path("runs") / name)
-    result = train(cfg, out, data=_data_spec(args.data), stop_after_steps=args.stop_after_steps)
+    result = train(cfg, out, data=data, stop_after_steps=args.stop_after_steps)
     return _train_exit(result, args)
 
 
@@ -251,16 +276,21 @@ def _generate(args):
     from .runs import load
 
     model, tok = load(args.run, device=args.device)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise LmforgeError("--max-new-tokens must be at least 1")
+    if _is_seq2seq(model):
+        return _generate_seq2seq(args, model, tok)
+    if args.source is not None or args.source_file is not None:
+        raise LmforgeError(f"{args.run} is a language model: give --prompt (--source is for seq2seq runs)")
+    max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     temperature = 0.0 if args.greedy else args.temperature
     if temperature < 0:
         raise LmforgeError("--temperature must be >= 0")
-    if args.max_new_tokens < 1:
-        raise LmforgeError("--max-new-tokens must be at least 1")
     torch.manual_seed(args.seed if args.seed is not None else torch.seed() % (2**31))
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(model, tok, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed):
+        for piece in generate_stream(model, tok, prompt, max_new_tokens, temperature, args.top_k, args.top_p, args.seed):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -269,14 +299,45 @@ def _generate(args):
     if args.prompt is not None:
         run_one(args.prompt)
         return
-    print("interactive mode: type a prompt and press Enter (Ctrl-D or Ctrl-C to quit)", file=sys.stderr)
+    _interactive("prompt", lambda prompt: run_one(prompt.replace("\\n", "\n")))
+
+
+def _interactive(what: str, handle) -> None:
+    """Pass each line typed on stdin to handle, until end of input or Ctrl-C."""
+    print(f"interactive mode: type a {what} and press Enter (Ctrl-D or Ctrl-C to quit)", file=sys.stderr)
     while True:
         try:
-            prompt = input("> ")
+            line = input("> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
-        run_one(prompt.replace("\\n", "\n"))
+        handle(line)
+
+
+def _is_seq2seq(model) -> bool:
+    from .config import Seq2SeqConfig
+
+    return isinstance(model.config, Seq2SeqConfig)
+
+
+def _generate_seq2seq(args, model, tok):
+    from .pairs import read_sources
+    from .seq2seq import translate
+
+    if args.prompt is not None:
+        raise LmforgeError(f"{args.run} is a seq2seq model: give --source or --source-file (--prompt is for language models)")
+    if args.source is not None and args.source_file is not None:
+        raise LmforgeError("give --source or --source-file, not both")
+
+    beam_size = 1 if args.greedy else args.beam_size
+
+    def run(sources):
+        for out in translate(model, tok, sources, beam_size, args.length_penalty, args.max_new_tokens):
+            print(out, flush=True)
+
+    if args.source is not None or args.source_file is not None:
+        return run([args.source] if args.source is not None else read_sources(args.source_file))
+    _interactive("source", lambda source: run([source]))
 
 
 def _eval(args):
@@ -284,6 +345,12 @@ def _eval(args):
     from .runs import load
 
     model, tok = load(args.run, device=args.device)
+    if _is_seq2seq(model):
+        return _eval_seq2seq(args, model, tok)
+    if args.demo is not None:
+        raise LmforgeError(f"{args.run} is a language model: --demo is for seq2seq runs")
+    if args.data is None:
+        raise LmforgeError("eval needs --data")
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
     if "moe_routing" in res:
@@ -323,18 +390,32 @@ def _convert(args):
         print(f"converted {args.to_hf} -> Hugging Face folder {out}")
 
 
+def _eval_seq2seq(args, model, tok):
+    from .pairs import demo, read_pairs
+    from .seq2seq import evaluate_pairs
+
+    if (args.data is None) == (args.demo is None):
+        raise LmforgeError("eval of a seq2seq run needs --data PAIRS (.jsonl or .tsv) or --demo NAME")
+    pairs = demo(args.demo).pairs("test") if args.demo else read_pairs(args.data)
+    res = evaluate_pairs(model, tok, pairs, args.beam_size, args.length_penalty)
+    print(f"pairs {res['pairs']:,} | loss {res['loss']:.4f} | exact match {100 * res['exact_match']:.2f}% | "
+          f"BLEU {res['bleu']:.2f} | chrF {res['chrf']:.2f}")
+
+
 def _presets():
-    from .config import PRESETS, preset
+    from .config import PRESETS, SEQ2SEQ_PRESETS, preset
     from .models import build_model
 
     import torch
 
-    print(f"{'name':<14} {'params':>10} {'active':>10}  description")
-    for name, (desc, _, _) in PRESETS.items():
-        cfg = preset(name).model
-        with torch.device("meta"):
-            model = build_model(cfg)
-        print(f"{name:<14} {model.num_params() / 1e6:>9.1f}M {model.num_active_params() / 1e6:>9.1f}M  {desc}")
+    print(f"{'name':<16} {'params':>10} {'active':>10}  description")
+    for family, table in (("decoder", PRESETS), ("seq2seq", SEQ2SEQ_PRESETS)):
+        for name, (desc, _, _) in table.items():
+            cfg = preset(name, family).model
+            with torch.device("meta"):
+                model = build_model(cfg)
+            active = model.num_active_params() if hasattr(model, "num_active_params") else model.num_params()
+            print(f"{name:<16} {model.num_params() / 1e6:>9.1f}M {active / 1e6:>9.1f}M  {desc}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 A run is described by a `Config` with two sections, `model` and `train`, whose field
 names are the same in Python, in TOML files (`[model]`, `[train]` tables) and on the
 command line (`--n_layer 4` or `--model.n_layer=4`). Unknown keys are an error.
+The model section is a `ModelConfig` (decoder-only LM, family "decoder") or a
+`Seq2SeqConfig` (encoder–decoder, family "seq2seq").
 """
 
 from __future__ import annotations
@@ -108,6 +110,54 @@ class ModelConfig:
 
 
 @dataclass
+class Seq2SeqConfig:
+    """Architecture of an encoder–decoder transformer. Defaults give the base model of "Attention Is All You Need"."""
+
+    src_vocab_size: int = 37000
+    tgt_vocab_size: int = 37000
+    shared_vocab: bool = True  # one tokenizer and one embedding table for source and target
+    tie_embeddings: bool = True  # the output projection is the target embedding matrix
+    max_len: int = 256  # longest source, and longest target including its begin/end tokens
+    n_encoder_layer: int = 6
+    n_decoder_layer: int = 6
+    n_head: int = 8
+    d_model: int = 512
+    d_ff: int | None = None  # feed-forward hidden size; None = 4 * d_model (2048 in the paper)
+    mlp: str = "relu"  # relu | gelu | gelu_tanh | swiglu | geglu | relu2
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    norm_position: str = "post"  # post: x = Norm(x + Sublayer(x)) as in the paper; pre: x = x + Sublayer(Norm(x))
+    pos: str = "sinusoidal"  # sinusoidal | learned
+    bias: bool = True
+    dropout: float = 0.1  # on the embeddings and on every sub-layer output
+
+    head_dim = ModelConfig.head_dim  # d_model // n_head
+    ff_dim = ModelConfig.ff_dim  # d_ff, or 4 * d_model
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise LmforgeError(f"invalid model config: {msg}")
+
+        for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer", "n_head", "d_model", "ff_dim"):
+            need(getattr(self, name) > 0, f"{name} must be positive")
+        need(self.max_len >= 2, "max_len must be at least 2 (a target needs its begin and end tokens)")
+        need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        need(not self.shared_vocab or self.src_vocab_size == self.tgt_vocab_size,
+             f"a shared vocabulary needs src_vocab_size == tgt_vocab_size (got {self.src_vocab_size} and {self.tgt_vocab_size})")
+        need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r} (layernorm, rmsnorm)")
+        need(self.norm_position in ("post", "pre"), f"unknown norm_position {self.norm_position!r} (post, pre)")
+        need(self.pos in ("sinusoidal", "learned"), f"unknown pos {self.pos!r} (sinusoidal, learned)")
+        need(self.mlp in ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "relu2"),
+             f"unknown mlp {self.mlp!r} (relu, gelu, gelu_tanh, swiglu, geglu, relu2)")
+        need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+FAMILIES = {"decoder": ModelConfig, "seq2seq": Seq2SeqConfig}
+
+
+@dataclass
 class TrainConfig:
     """How to train. A run's length is set by max_steps, max_tokens or max_time (first reached ends it)."""
 
@@ -124,12 +174,14 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0  # spread this much of each target's probability over the whole vocabulary
     eval_interval: int = 100  # steps between validations (also at the end)
     eval_batches: int = 8
     log_interval: int = 10
     sample_tokens: int = 120  # length of the sample printed at each evaluation (0 = none)
     sample_prompt: str = ""
     tokenizer_vocab_size: int = 4096  # tokenizer size when lmforge trains one for the run (the model vocabulary follows it)
+    split_digits: bool = False  # when lmforge trains the tokenizer: every digit a token of its own
     val_fraction: float = 0.01
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -160,6 +212,7 @@ class TrainConfig:
         need(self.eval_interval > 0 and self.log_interval > 0, "eval_interval and log_interval must be positive")
         need(self.eval_batches > 0, "eval_batches must be positive")
         need(0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
+        need(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
         need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), f"unknown device {self.device!r}")
         need(self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r} (adamw, muon)")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r} (auto, fp32, bf16, fp16)")
@@ -170,8 +223,12 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | Seq2SeqConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def family(self) -> str:
+        return "seq2seq" if isinstance(self.model, Seq2SeqConfig) else "decoder"
 
     def validate(self) -> None:
         self.model.validate()
@@ -181,11 +238,11 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, family: str = "decoder") -> "Config":
         unknown = set(d) - {"model", "train"}
         if unknown:
             raise LmforgeError(f"unknown config section(s): {', '.join(sorted(unknown))} (expected model, train)")
-        return cls(model=_build(ModelConfig, d.get("model", {}), "model"), train=_build(TrainConfig, d.get("train", {}), "train"))
+        return cls(model=_build(FAMILIES[family], d.get("model", {}), "model"), train=_build(TrainConfig, d.get("train", {}), "train"))
 
 
 # --- presets --------------------------------------------------------------------------------------
@@ -221,11 +278,33 @@ PRESETS: dict[str, tuple[str, dict, dict]] = {
 }
 
 
-def preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise LmforgeError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-    _, m, t = PRESETS[name]
-    return Config(model=_build(ModelConfig, m, "model"), train=_build(TrainConfig, t, "train"))
+# Encoder–decoder presets (lmforge train --task seq2seq), same layout as PRESETS.
+SEQ2SEQ_PRESETS: dict[str, tuple[str, dict, dict]] = {
+    "seq2seq-tiny": (
+        "encoder–decoder, CPU-sized: the seq2seq default, learns a demo task in a few minutes on 2 cores",
+        dict(n_encoder_layer=3, n_decoder_layer=3, n_head=4, d_model=128, d_ff=512, max_len=64, dropout=0.0, src_vocab_size=1024,
+             tgt_vocab_size=1024),
+        dict(batch_size=64, lr=2e-3, warmup_steps=100, beta2=0.98, weight_decay=0.01, eval_interval=200, eval_batches=8,
+             log_interval=20, tokenizer_vocab_size=1024, split_digits=True, val_fraction=0.02, max_time=240),
+    ),
+    "transformer-base": (
+        "the base model of Attention Is All You Need (6+6 layers, d_model 512, shared 37k vocabulary)",
+        dict(n_encoder_layer=6, n_decoder_layer=6, n_head=8, d_model=512, d_ff=2048, max_len=256, dropout=0.1),
+        dict(batch_size=64, tokens_per_step=25000, lr=7e-4, warmup_steps=4000, beta1=0.9, beta2=0.98, weight_decay=0.0,
+             label_smoothing=0.1, max_steps=100000, tokenizer_vocab_size=37000),
+    ),
+}
+
+_PRESET_TABLES = {"decoder": PRESETS, "seq2seq": SEQ2SEQ_PRESETS}
+
+
+def preset(name: str, family: str = "decoder") -> Config:
+    table = _PRESET_TABLES[family]
+    if name not in table:
+        task = "" if family == "decoder" else f" for --task {family}"
+        raise LmforgeError(f"unknown preset {name!r}{task}; available: {', '.join(table)}")
+    _, m, t = table[name]
+    return Config(model=_build(FAMILIES[family], m, "model"), train=_build(TrainConfig, t, "train"))
 
 
 # --- loading and overrides ------------------------------------------------------------------------
@@ -252,14 +331,14 @@ def merge(cfg: Config, d: dict) -> Config:
         if not isinstance(values, dict):
             raise LmforgeError(f"config section {section!r} must be a table")
         out[section].update(values)
-    return Config.from_dict(out)
+    return Config.from_dict(out, cfg.family)
 
 
-def parse_overrides(args: list[str]) -> dict:
+def parse_overrides(args: list[str], family: str = "decoder") -> dict:
     """Turn ['--n_layer', '4', '--train.lr=1e-3', '--max-steps', '10'] into {'model': {...}, 'train': {...}}.
 
     Values are strings here; they are converted to the field's type by `_build`.
-    A bare key is looked up in both sections and must name exactly one field.
+    A bare key is looked up in both sections (the model section of `family`) and must name exactly one field.
     """
     out: dict[str, dict] = {"model": {}, "train": {}}
     i = 0
@@ -283,7 +362,7 @@ def parse_overrides(args: list[str]) -> dict:
                 raise LmforgeError(f"unknown config section {section!r} in --{key}")
         else:
             name = key
-            owners = [s for s, c in (("model", ModelConfig), ("train", TrainConfig)) if name in _field_names(c)]
+            owners = [s for s, c in (("model", FAMILIES[family]), ("train", TrainConfig)) if name in _field_names(c)]
             if not owners:
                 raise LmforgeError(f"unknown option --{key.replace('_', '-')}")
             if len(owners) > 1:

@@ -1,7 +1,8 @@
 """Run directories: a self-contained folder with everything needed to use a trained model.
 
-    runs/NAME/config.json        model + training configuration
-    runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format)
+    runs/NAME/config.json        model family ("decoder" or "seq2seq") + model and training configuration
+    runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format); for seq2seq the target one
+    runs/NAME/source_tokenizer.json   seq2seq only, when source and target vocabularies are separate
     runs/NAME/model.safetensors  weights
     runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
     runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import Config
+from .config import FAMILIES, Config
 from .errors import LmforgeError
 from .io import atomic_path, write_json_atomic
 from .models import build_model
@@ -31,7 +32,7 @@ METRICS = "metrics.jsonl"
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
-    write_json_atomic(Path(run_dir) / CONFIG, {"lmforge_version": __version__, "family": "decoder", **cfg.to_dict()})
+    write_json_atomic(Path(run_dir) / CONFIG, {"lmforge_version": __version__, "family": cfg.family, **cfg.to_dict()})
 
 
 def load_config(run_dir: str | Path) -> Config:
@@ -47,18 +48,25 @@ def load_config(run_dir: str | Path) -> Config:
         raise LmforgeError(f"corrupt {path}: {e}") from None
     if not isinstance(d, dict):
         raise LmforgeError(f"corrupt {path}: not a JSON object")
+    family = d.get("family", "decoder")
+    if family not in FAMILIES:
+        raise LmforgeError(f"{path} names an unknown model family {family!r} (known: {', '.join(FAMILIES)})")
     d = {k: v for k, v in d.items() if k in ("model", "train")}
-    cfg = Config.from_dict(d)
+    cfg = Config.from_dict(d, family)
     cfg.validate()
     return cfg
 
 
 def weights_for_saving(model) -> dict[str, torch.Tensor]:
-    """The state dict without tied duplicates (safetensors stores each tensor once)."""
-    sd = model.state_dict()
-    if getattr(model.config, "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    """The state dict without tied duplicates (safetensors stores each tensor once): a weight shared under
+    several names (a tied LM head, a source/target embedding) is kept under the first name only."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+        if key not in seen:
+            seen.add(key)
+            out[k] = v.detach().contiguous().cpu()
+    return out
 
 
 def save_weights(path: Path, model, metadata: dict | None = None) -> None:
@@ -110,13 +118,29 @@ def load_tokenizer(run_dir: Path) -> Tokenizer:
     return Tokenizer.from_file(Path(run_dir) / TOKENIZER)
 
 
+def load_pair_tokenizer(run_dir: Path, model_cfg):
+    """The source/target tokenizers of a seq2seq run, checked against the model's vocabulary sizes."""
+    from .pairs import PairTokenizer
+
+    tok = PairTokenizer.load(run_dir, model_cfg.shared_vocab)
+    for side, t, size in (("source", tok.source, model_cfg.src_vocab_size), ("target", tok.target, model_cfg.tgt_vocab_size)):
+        if t.vocab_size > size:
+            raise LmforgeError(f"{side} tokenizer in {run_dir} has {t.vocab_size} tokens but the model's {side} vocabulary is {size}")
+    return tok
+
+
 def load(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a run directory; the model is in eval mode on `device`."""
+    """(model, tokenizer) from a run directory; the model is in eval mode on `device`.
+
+    For a seq2seq run the tokenizer is a `pairs.PairTokenizer` (source and target sides)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise LmforgeError(f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}")
+    if cfg.family == "seq2seq":
+        tokenizer = load_pair_tokenizer(run_dir, cfg.model)
+    else:
+        tokenizer = load_tokenizer(run_dir)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise LmforgeError(f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}")
     model = build_model(cfg.model)
     load_weights(run_dir / WEIGHTS, model)
     model.to(device).eval()

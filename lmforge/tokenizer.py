@@ -38,7 +38,9 @@ class Tokenizer:
     # --- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, split_digits: bool = False) -> "Tokenizer":
+        """Learn BPE merges from texts. split_digits: every digit is a token of its own (as Llama does), so
+        numbers are spelt digit by digit instead of in irregular multi-digit chunks."""
         specials = [EOT] + [t for t in (special_tokens or []) if t != EOT]
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         minimum = len(alphabet) + len(specials)
@@ -46,6 +48,8 @@ class Tokenizer:
             raise LmforgeError(f"vocab size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) plus {len(specials)} special token(s) need at least {minimum}")
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if split_digits:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)

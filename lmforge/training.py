@@ -1,4 +1,9 @@
-"""The training loop: data, optimiser, schedule, accumulation, clipping, evaluation, checkpoints."""
+"""The training loop: data, optimiser, schedule, accumulation, clipping, evaluation, checkpoints.
+
+The loop is the same for every model family; what differs (data, batches, loss, evaluation, samples)
+comes from a task object: `LMTask` here for decoder-only language models, `seq2seq.Seq2SeqTask`
+for encoder–decoder models.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +72,10 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
             raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
         return Path(spec), Tokenizer.from_file(tok_path)
     files = datamod.discover(spec)
-    key = hashlib.sha256(json.dumps([datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]).encode()).hexdigest()[:16]
+    key_parts = [datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]
+    if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
+        key_parts.append("split_digits")
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     cache = cache_root / f"data-{key}"
     done = cache / "done.json"
     if done.is_file() and (cache / TOKENIZER).is_file():
@@ -76,7 +84,7 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
     name = "the Python standard library" if spec is None else str(spec)
     log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
     t0 = time.time()
-    tok = Tokenizer.train(datamod.text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size)
+    tok = Tokenizer.train(datamod.text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size, split_digits=train_cfg.split_digits)
     if tok.vocab_size <= 257:
         raise LmforgeError(f"no usable text in {name}")
     cache.mkdir(parents=True, exist_ok=True)
@@ -102,9 +110,9 @@ def lr_at(cfg, step: int, progress: float) -> float:
     return cfg.lr * lr_factor(cfg, step, progress)
 
 
-def lm_loss(model, x, y, reduction: str = "mean"):
+def lm_loss(model, x, y, reduction: str = "mean", label_smoothing: float = 0.0):
     logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
@@ -141,6 +149,94 @@ def autocast_for(device: torch.device, precision: str):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- tasks: what the loop trains on ----------------------------------------------------------------
+
+
+class LMTask:
+    """Next-token prediction on token shards: the decoder-only language model.
+
+    Under data parallelism (rank, world) each process reads its own share of every batch.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, data, resume: bool, cache_root: str | Path | None, log=print,
+                 dist_info=None):
+        self.cfg, self.data = cfg, data
+        self.rank, self.world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
+        if resume:
+            self.tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
+            shard_dir = Path(json.loads((run_dir / "data.json").read_text())["shards"]) if (run_dir / "data.json").is_file() else None
+            if shard_dir is None or not shard_dir.is_dir():
+                raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
+        else:
+            cache = Path(cache_root) if cache_root else run_dir.parent / "cache"
+            if self.rank == 0:
+                shard_dir, self.tokenizer = ensure_data(data, cfg.train, cache, log)
+            if dist_info is not None:
+                barrier(dist_info)
+            if self.rank != 0:  # the data is ready now; other ranks just open it
+                shard_dir, self.tokenizer = ensure_data(data, cfg.train, cache, lambda *_: None)
+            cfg.model.vocab_size = round_up(self.tokenizer.vocab_size)
+        self.shard_dir = shard_dir
+        tc = cfg.train
+        self.seq_len = seq_len = tc.seq_len or cfg.model.block_size
+        if seq_len > cfg.model.block_size:
+            raise LmforgeError(f"seq_len {seq_len} exceeds the model's block_size {cfg.model.block_size}")
+        self.train_data = datamod.TokenData(shard_dir, "train")
+        self.val_data = datamod.TokenData(shard_dir, "val")
+        self.train_data.check(seq_len, cfg.model.vocab_size)
+        if self.val_data.total < 2:
+            raise LmforgeError(f"validation split in {shard_dir} is empty")
+        self.micro_tokens = tc.batch_size * seq_len * self.world  # tokens per micro-step, all ranks together
+        self.byte_lengths = torch.tensor(self.tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - self.tokenizer.vocab_size))
+
+    def save_files(self, run_dir: Path) -> None:
+        shard_dir = self.shard_dir
+        shutil.copyfile(shard_dir / TOKENIZER, run_dir / TOKENIZER) if (shard_dir / TOKENIZER).is_file() else self.tokenizer.save(run_dir / TOKENIZER)
+        write_json_atomic(run_dir / "data.json", {"shards": str(shard_dir.resolve()), "data": None if self.data is None else str(self.data)})
+
+    def describe(self, model, accum: int) -> list[str]:
+        cfg, tc = self.cfg, self.cfg.train
+        ranks = f" x {self.world} ranks" if self.world > 1 else ""
+        return [f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
+                f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}",
+                f"train: {self.train_data.total:,} tokens; {accum * self.micro_tokens:,} tokens per step "
+                f"({tc.batch_size} x {self.seq_len}{ranks} x {accum} accumulation)"]
+
+    def flops_per_token(self) -> float | None:
+        return flops_per_token(self.cfg.model, self.seq_len)
+
+    def batch(self, generator: torch.Generator, device):
+        """((x, y) on device, number of predicted tokens across all ranks)."""
+        x, y = self.train_data.batch(self.cfg.train.batch_size, self.seq_len, generator, self.rank, self.world)
+        return (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel() * self.world
+
+    def loss(self, model, batch):
+        return lm_loss(model, *batch, label_smoothing=self.cfg.train.label_smoothing)
+
+    def evaluate(self, model, device, autocast=contextlib.nullcontext) -> dict:
+        tc = self.cfg.train
+        return evaluate(model, self.val_data, tc.batch_size, self.seq_len, tc.eval_batches, self.byte_lengths, device, autocast)
+
+    def format_eval(self, res: dict) -> str:
+        bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
+        return f"val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}"
+
+    def sample(self, model, step: int) -> str:
+        tc = self.cfg.train
+        return generate(model, self.tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
+
+
+def make_task(cfg: Config, run_dir: Path, data, resume: bool, cache_root, log, dist_info=None):
+    """The task object for cfg's model family (see LMTask for what a task provides)."""
+    if cfg.family == "seq2seq":
+        if dist_info is not None and dist_info.enabled:
+            raise LmforgeError("seq2seq training runs in one process for now (no torchrun)")
+        from .seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask(cfg, run_dir, data, resume, log)
+    return LMTask(cfg, run_dir, data, resume, cache_root, log, dist_info)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -228,6 +324,7 @@ def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cac
           stop_after_steps: int | None = None, log=print) -> RunResult:
     """Train (or resume) a run in run_dir on data (None = the default corpus).
 
+    The model family comes from cfg (a decoder LM on text, or seq2seq on a pairs file or `pairs.Demo`).
     stop_after_steps ends the run at that step as if interrupted (checkpoint saved, schedule
     unchanged), so a long run can be done in chunks with resume. Under torchrun with several
     processes, each trains on its share of every batch (DDP or FSDP2); rank 0 logs and saves.
@@ -249,32 +346,14 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
     main = dist_info.is_main
     if resume:
         cfg = load_config(run_dir)
-        tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
-        shard_dir = Path(json.loads((run_dir / "data.json").read_text())["shards"]) if (run_dir / "data.json").is_file() else None
-        if shard_dir is None or not shard_dir.is_dir():
-            raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
     else:
         if (run_dir / WEIGHTS).exists():
             raise LmforgeError(f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run")
         cfg.validate()
-        cache = Path(cache_root) if cache_root else run_dir.parent / "cache"
-        if main:
-            shard_dir, tokenizer = ensure_data(data, cfg.train, cache, log)
-        barrier(dist_info)
-        if not main:  # the data is ready now; other ranks just open it
-            shard_dir, tokenizer = ensure_data(data, cfg.train, cache, lambda *_: None)
-        cfg.model.vocab_size = round_up(tokenizer.vocab_size)
+    task = make_task(cfg, run_dir, data, resume, cache_root, log, dist_info)
     tc = cfg.train
     if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
         raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
-    seq_len = tc.seq_len or cfg.model.block_size
-    if seq_len > cfg.model.block_size:
-        raise LmforgeError(f"seq_len {seq_len} exceeds the model's block_size {cfg.model.block_size}")
-    train_data = datamod.TokenData(shard_dir, "train")
-    val_data = datamod.TokenData(shard_dir, "val")
-    train_data.check(seq_len, cfg.model.vocab_size)
-    if val_data.total < 2:
-        raise LmforgeError(f"validation split in {shard_dir} is empty")
 
     precision = choose_precision(tc.precision, device)
     if precision == "fp16" and device.type != "cuda":
@@ -295,10 +374,8 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
     wrapped = wrap_model(model, tc.parallel, dist_info, device)
     optimizers = build_optimizers(model, tc, device)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    micro_tokens = tc.batch_size * seq_len * dist_info.world
+    micro_tokens = task.micro_tokens  # (nominal) tokens per micro-step, all ranks together
     accum = max(1, math.ceil((tc.tokens_per_step or micro_tokens) / micro_tokens))
-    step_tokens = accum * micro_tokens
-    byte_lengths = torch.tensor(tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
 
     if state is not None:
         for opt, sd in zip(optimizers, state["optimizers"]):
@@ -313,21 +390,18 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
         log(f"resuming {run_dir} at step {step} ({tokens:,} tokens, {elapsed:.0f}s)")
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shard_dir / TOKENIZER, run_dir / TOKENIZER) if (shard_dir / TOKENIZER).is_file() else tokenizer.save(run_dir / TOKENIZER)
-        write_json_atomic(run_dir / "data.json", {"shards": str(shard_dir.resolve()), "data": None if data is None else str(data)})
+        task.save_files(run_dir)
         save_config(run_dir, cfg)
     barrier(dist_info)
 
     fwd = torch.compile(wrapped) if tc.compile else wrapped
-    flops_tok = flops_per_token(cfg.model, seq_len)
-    peak = peak_flops(device, precision)
+    flops_tok = task.flops_per_token() if hasattr(task, "flops_per_token") else None
+    peak = peak_flops(device, precision) if flops_tok else None
     metrics = _Metrics(run_dir, main, tc.tensorboard, log)
-    log(f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
-        f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}; device {device}, {precision}"
+    model_line, train_line = task.describe(model, accum)
+    log(f"{model_line}; device {device}, {precision}"
         + (f", {dist_info.world} processes ({tc.parallel})" if dist_info.enabled else "") + (", compiled" if tc.compile else ""))
-    log(f"train: {train_data.total:,} tokens; {step_tokens:,} tokens per step "
-        f"({tc.batch_size} x {seq_len}{f' x {dist_info.world} ranks' if dist_info.enabled else ''} x {accum} accumulation); "
-        f"optimizer {tc.optimizer}")
+    log(f"{train_line}; optimizer {tc.optimizer}")
 
     def progress_of(step, tokens, elapsed):
         parts = [0.0]
@@ -352,15 +426,17 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
         barrier(dist_info)
 
     def run_eval():
-        res = evaluate(fwd, val_data, tc.batch_size, seq_len, tc.eval_batches, byte_lengths, device, autocast)
+        if isinstance(task, LMTask):
+            res = task.evaluate(fwd, device, autocast)
+        else:
+            res = task.evaluate(model, device)
         res.update(step=step, tokens=tokens, elapsed=round(elapsed, 2))
         metrics.write(res)
-        bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
-        log(f"eval step {step}: val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}")
+        log(f"eval step {step}: {task.format_eval(res)}")
         if tc.sample_tokens and not (dist_info.enabled and tc.parallel == "fsdp"):  # a sharded model cannot generate alone
             model.eval()
             with autocast():
-                sample = generate(model, tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
+                sample = task.sample(model, step)
             model.train()
             log("sample: " + sample.strip("\n")[:600])
         return res
@@ -381,16 +457,17 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
                     g["lr"] = g["base_lr"] * factor
             loss_sum = torch.zeros((), device=device)
             aux_sums = {}
+            step_tokens = 0
             for micro in range(accum):
-                x, y = train_data.batch(tc.batch_size, seq_len, data_gen, dist_info.rank, dist_info.world)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch, n_tokens = task.batch(data_gen, device)
                 sync = micro == accum - 1
                 with _maybe_no_sync(wrapped, sync, dist_info, tc), autocast():
-                    loss = lm_loss(fwd, x, y)
+                    loss = task.loss(fwd, batch)
                     aux = moe.aux_losses(model)  # MoE router losses {name: (coef, value)}; {} for dense models
                 scaled = (loss + sum(c * v for c, v in aux.values())) / accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach()
+                step_tokens += n_tokens
                 aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / accum for k, (_, v) in aux.items()}
             if scaler is not None:
                 for opt in optimizers:

@@ -110,6 +110,11 @@ class KVCache:
     def reset(self):
         self.pos = 0
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (in that order), e.g. the surviving hypotheses of a beam search."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
 
 # --- attention ------------------------------------------------------------------------------------
 
@@ -209,7 +214,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU / ReLU² (up, act, down) or gated SwiGLU / GeGLU (gate * up, down).
+    """Position-wise feed-forward: ReLU / GELU / ReLU² (up, act, down) or gated SwiGLU / GeGLU (gate * up, down).
 
     `hidden` overrides the hidden size (cfg.ff_dim), e.g. for the experts of a Mixture of Experts.
     """
@@ -231,6 +236,8 @@ class MLP(nn.Module):
             h = F.gelu(self.gate(x), approximate="tanh") * self.up(x)
         elif self.kind == "relu2":
             h = F.relu(self.up(x)).square()
+        elif self.kind == "relu":
+            h = F.relu(self.up(x))
         else:
             h = F.gelu(self.up(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)
