@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
+QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")  # lmforge.packing.QUANTIZE (not imported here: it loads torch)
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
 
@@ -48,13 +49,30 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    ge.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than MIN_P x the most likely one")
+    ge.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the prompt or output")
+    ge.add_argument("--frequency-penalty", type=float, default=0.0)
+    ge.add_argument("--presence-penalty", type=float, default=0.0)
+    ge.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     ge.add_argument("--device", default="cpu")
+    ge.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
+
+    se = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API")
+    se.add_argument("run")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
+    se.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the run directory's name)")
+    se.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
+    se.add_argument("--device", default="cpu")
+    se.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text")
     ev.add_argument("run")
     ev.add_argument("--data", required=True, help="text file, directory or glob")
     ev.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate on at most this many tokens")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quantize", choices=QUANTIZE, default=None, help="evaluate the weights as --quantize would serve them")
 
     sub.add_parser("presets", help="list the named model presets")
     return p
@@ -122,6 +140,8 @@ def _dispatch(args, extra):
         return _generate(args)
     if args.verb == "eval":
         return _eval(args)
+    if args.verb == "serve":
+        return _serve(args)
     if args.verb == "presets":
         return _presets()
 
@@ -217,20 +237,21 @@ def _free_run_dir(base: Path) -> Path:
 def _generate(args):
     import torch
 
-    from .generation import generate_stream
+    from .generation import SamplingParams, generate_stream
+    from .packing import pack_for_inference
     from .runs import load
 
-    model, tok = load(args.run, device=args.device)
     temperature = 0.0 if args.greedy else args.temperature
-    if temperature < 0:
-        raise LmforgeError("--temperature must be >= 0")
-    if args.max_new_tokens < 1:
-        raise LmforgeError("--max-new-tokens must be at least 1")
+    extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                 presence_penalty=args.presence_penalty, stop=args.stop)
+    SamplingParams(args.max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
+    model, tok = load(args.run, device=args.device)
+    pack_for_inference(model, args.quantize)
     torch.manual_seed(args.seed if args.seed is not None else torch.seed() % (2**31))
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(model, tok, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed):
+        for piece in generate_stream(model, tok, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed, **extra):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -254,8 +275,26 @@ def _eval(args):
     from .runs import load
 
     model, tok = load(args.run, device=args.device)
+    if args.quantize is not None:
+        from .packing import pack_for_inference
+
+        pack_for_inference(model, args.quantize)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
+
+
+def _serve(args):
+    import os
+
+    from .serving import serve
+
+    if not 0 < args.port < 65536:
+        raise LmforgeError("--port must be between 1 and 65535")
+    if args.max_batch < 1:
+        raise LmforgeError("--max-batch must be at least 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
+    serve(args.run, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name, max_batch=args.max_batch,
+          device=args.device, quantize=args.quantize)
 
 
 def _presets():
