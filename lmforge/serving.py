@@ -196,6 +196,7 @@ class Worker:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
+        self.cancelled_rows = 0  # rows stopped because their client went away
 
     def start(self):
         self.thread.start()
@@ -235,7 +236,7 @@ class Worker:
                 for job_id in cancelled:
                     job = self.jobs.pop(job_id, None)
                     for r in job.reqs if job else []:
-                        self.engine.cancel(r.request_id)
+                        self.cancelled_rows += self.engine.cancel(r.request_id)
                 group: list[Request] = []  # rows that arrived together are prefilled together
                 while self.waiting and len(group) < self.engine.free and self.engine.fits_together(group + [self.waiting[0]]):
                     group.append(self.waiting.popleft())
@@ -278,32 +279,38 @@ class Worker:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over max_bytes (413), declared or streamed."""
+    """ASGI middleware: refuse request bodies over max_bytes with 413, whether declared or streamed (chunked)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        too_big = error_response(413, f"request body larger than {self.max_bytes} bytes")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await error_response(413, f"request body larger than {self.max_bytes} bytes")(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # read the whole (bounded) body before the app sees any of it
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise APIError(413, f"request body larger than {self.max_bytes} bytes")
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except APIError as e:
-            await error_response(e.status, e.message)(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        await self.app(scope, replay, send)
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 16,
