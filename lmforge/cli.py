@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     ge.add_argument("--device", default="cpu")
     ge.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
+    ge.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
 
     se = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API")
     se.add_argument("run")
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
     se.add_argument("--device", default="cpu")
     se.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
+    se.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text")
     ev.add_argument("run")
@@ -245,13 +247,17 @@ def _generate(args):
     extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                  presence_penalty=args.presence_penalty, stop=args.stop)
     SamplingParams(args.max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     model, tok = load(args.run, device=args.device)
-    pack_for_inference(model, args.quantize)
+    if not args.compile:
+        pack_for_inference(model, args.quantize)
     torch.manual_seed(args.seed if args.seed is not None else torch.seed() % (2**31))
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(model, tok, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed, **extra):
+        for piece in generate_stream(model, tok, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed,
+                                     compile=args.compile, **extra):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -292,9 +298,11 @@ def _serve(args):
         raise LmforgeError("--port must be between 1 and 65535")
     if args.max_batch < 1:
         raise LmforgeError("--max-batch must be at least 1")
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
     serve(args.run, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name, max_batch=args.max_batch,
-          device=args.device, quantize=args.quantize)
+          device=args.device, quantize=args.quantize, compile=args.compile)
 
 
 def _presets():

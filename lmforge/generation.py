@@ -195,7 +195,8 @@ class Engine:
     so a step runs on a contiguous slice of the cache whatever the batch size.
     """
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, eos_id: int | None = None):
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, eos_id: int | None = None,
+                 compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.limit = context_limit(model)
@@ -212,6 +213,15 @@ class Engine:
                           for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")}
         self._counts: torch.Tensor | None = None  # (max_batch, vocab) occurrences in each row's output, once any row has penalties
         self._seen: torch.Tensor | None = None  # (max_batch, vocab) tokens in each row's prompt or output
+        # torch.compile'd decode step: fixed shapes (every cache row, the whole cache length), compiled on first use
+        self._compiled = None
+        if compile:
+            self.cache.static = True
+            if self.device.type == "cpu":
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True  # weights become constants, prepacked for oneDNN (what lmforge.packing does by hand)
+            self._compiled = torch.compile(model, dynamic=False)
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -290,7 +300,12 @@ class Engine:
         n = len(self.rows)
         if n == 0:
             return []
-        logits = self.model(self.next_ids[:n], self.cache.rows(0, n))[:, -1]
+        if self._compiled is not None:  # every row, so shapes never change; idle rows restart at 0 and never fill up
+            self.cache.lengths[n:] = 0
+            self.cache.start[n:] = 0
+            logits = self._compiled(self.next_ids, self.cache)[:n, -1]
+        else:
+            logits = self.model(self.next_ids[:n], self.cache.rows(0, n))[:, -1]
         return self._sample_and_emit(logits, 0, n)
 
     def _sample_and_emit(self, logits: torch.Tensor, lo: int, hi: int) -> list[Output]:
@@ -438,7 +453,7 @@ def _params(max_new_tokens, temperature, top_k, top_p, seed, **extra) -> Samplin
 
 
 def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                   max_batch: int = 64) -> list[Completion]:
+                   max_batch: int = 64, compile: bool = False) -> list[Completion]:
     """Complete many prompts (texts or token id lists) together; one Completion per prompt, in order."""
     if not prompts:
         return []
@@ -455,7 +470,7 @@ def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], param
     reqs = [Request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, plist))]
     batch = min(max_batch, len(reqs))
     width = max(len(p) for p in ids)
-    engine = Engine(model, tokenizer, max_batch=batch, max_len=min(limit, width + max(sp.max_new_tokens for sp in plist)))
+    engine = Engine(model, tokenizer, max_batch=batch, max_len=min(limit, width + max(sp.max_new_tokens for sp in plist)), compile=compile)
     results = [Completion("", [], "", len(p)) for p in ids]
     for out in engine.run(reqs):
         c = results[out.request_id]
@@ -493,18 +508,19 @@ def truncate_prompt(ids: list[int], model, max_new_tokens: int, warn: bool = Tru
 
 
 def generate_stream(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-                    top_p: float | None = None, seed: int | None = None, warn: bool = True, **extra) -> Iterator[str]:
+                    top_p: float | None = None, seed: int | None = None, warn: bool = True, compile: bool = False, **extra) -> Iterator[str]:
     """Yield text pieces as they are generated (never splitting a character).
 
-    extra: the other SamplingParams fields (min_p, repetition_penalty, frequency_penalty,
-    presence_penalty, stop, ignore_eos).
+    compile: torch.compile the decode step (the cache then spans the whole context, so every
+    prompt reuses one compiled step). extra: the other SamplingParams fields (min_p,
+    repetition_penalty, frequency_penalty, presence_penalty, stop, ignore_eos).
     """
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         ids = [tokenizer.eos_id]  # an empty prompt starts a fresh document
     ids = truncate_prompt(ids, model, max_new_tokens, warn)
     params = _params(min(max_new_tokens, context_limit(model) - len(ids)), temperature, top_k, top_p, seed, **extra)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + params.max_new_tokens)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=None if compile else len(ids) + params.max_new_tokens, compile=compile)
     for out in engine.run([Request(ids, params)]):
         if out.text:
             yield out.text

@@ -10,12 +10,15 @@ path does after freezing) reach the bandwidth limit. Options:
     bf16          weights and matrix products in bfloat16 (activations stay fp32 between layers)
     int8          weight-only int8: one scale per output channel, activations stay fp32
     int8-dynamic  int8 weights, and activations rounded to int8 per call (fbgemm): fastest, least exact
+                  (built on PyTorch's quantized tensors, which PyTorch has deprecated)
 
 The model becomes inference-only: parameters of the swapped layers are no longer trainable
 parameters, and the state dict changes, so load a fresh model to train or save.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -39,6 +42,7 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype).contiguous(), 1)  # batch-size hint 1: decode
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
 
+    @torch.compiler.disable  # an opaque oneDNN tensor: torch.compile runs this layer as it is
     def forward(self, x):
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, self.bias, "none", [], "")
         return y.to(x.dtype)
@@ -69,10 +73,13 @@ class DynamicInt8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).double()
-        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), axis=0, dtype=torch.qint8)
+        with warnings.catch_warnings():  # deprecated in PyTorch; the check in pack_for_inference guards their removal
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), axis=0, dtype=torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(q, bias)
 
+    @torch.compiler.disable
     def forward(self, x):
         return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
 
@@ -92,7 +99,7 @@ def pack_for_inference(model: nn.Module, quantize: str | None = "none") -> nn.Mo
         raise LmforgeError(f"--quantize {quantize} is for CPU inference (this model is on {next(model.parameters()).device})")
     if quantize == "int8" and not hasattr(torch, "_weight_int8pack_mm"):
         raise LmforgeError("this PyTorch build has no int8 weight-only matmul (torch._weight_int8pack_mm)")
-    if quantize == "int8-dynamic" and not hasattr(torch.ops.quantized, "linear_dynamic"):
+    if quantize == "int8-dynamic" and not (hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "quantize_per_channel")):
         raise LmforgeError("this PyTorch build has no dynamic int8 matmul (torch.ops.quantized.linear_dynamic)")
     make = {
         "none": lambda lin: PackedLinear(lin, torch.float32),

@@ -314,9 +314,9 @@ class BodyLimit:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 16,
-               chat_template: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+               chat_template: str | None = None, max_body: int = DEFAULT_MAX_BODY, compile: bool = False) -> FastAPI:
     """The FastAPI application serving `model`; the decode thread starts and stops with the app."""
-    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, compile=compile)
     worker = Worker(engine)
     context = engine.limit
     created = int(time.time())
@@ -580,7 +580,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
-          max_batch: int = 16, device: str = "cpu", quantize: str | None = None, log_level: str = "info") -> None:
+          max_batch: int = 16, device: str = "cpu", quantize: str | None = None, compile: bool = False, log_level: str = "info") -> None:
     """Load a run and serve it until interrupted."""
     import uvicorn
 
@@ -588,9 +588,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     from .runs import load
 
     model, tokenizer = load(run_dir, device=device)
-    pack_for_inference(model, quantize)
+    if not compile:  # compiling packs the weights itself
+        pack_for_inference(model, quantize)
     name = model_name or Path(run_dir).resolve().name
-    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, chat_template=load_chat_template(run_dir))
+    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, chat_template=load_chat_template(run_dir), compile=compile)
     auth = "API key required" if api_key else "no API key"
     print(f"serving {name} on http://{host}:{port}/v1 ({auth}; max batch {max_batch}; docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -223,3 +223,13 @@ def test_packed_and_quantised_linears(quantize, tol):
 def test_unknown_quantization():
     with pytest.raises(LmforgeError, match="unknown quantization"):
         pack_for_inference(tiny_model(), "int3")
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager():
+    model = tiny_model()
+    eager = generate_batch(model, None, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
+    compiled = generate_batch(model, None, PROMPTS, [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 4, 12, 7, 12)],
+                              max_batch=3, compile=True)
+    assert [c.token_ids for c in compiled] == [e.token_ids[: len(c.token_ids)] for e, c in zip(eager, compiled)]
+    assert [len(c.token_ids) for c in compiled] == [12, 4, 12, 7, 12]

@@ -82,11 +82,13 @@ class DecoderLM(nn.Module):
         """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues each row's cached tokens."""
         B, T = idx.shape
         cfg = self.config
-        end = (cache.span if cache is not None else 0) + T  # positions used by the longest row after this call
-        if (self.pos_emb is not None or cfg.pos == "sinusoidal") and end > cfg.block_size:
-            raise ValueError(f"sequence of {end} tokens exceeds the context window ({cfg.block_size})")
-        # (T,), or (B, T) when rows sit at different positions (left padding, rows of different lengths)
-        positions = cache.begin(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
+        limit = cfg.block_size if self.pos_emb is not None or cfg.pos == "sinusoidal" else None  # positions that have an embedding
+        if cache is None:
+            if limit is not None and T > limit:
+                raise ValueError(f"sequence of {T} tokens exceeds the context window ({limit})")
+            positions = torch.arange(T, device=idx.device)
+        else:  # (T,), or (B, T) when rows sit at different positions (left padding, rows of different lengths)
+            positions = cache.begin(T, idx.device, limit)
         x = self.tok_emb(idx)  # (B, T, d_model)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)

@@ -116,16 +116,12 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long)  # entries written per row
         self.start = torch.zeros(batch, dtype=torch.long)  # left padding per row
         self._plan = None  # where the tokens of the forward in progress go, shared by all layers
+        self.static = False  # decode steps attend over the whole buffer with an explicit mask: fixed shapes for torch.compile
 
     @property
     def pos(self) -> int:
         """Entries written to the longest row (the next index, when all rows advance together)."""
         return int(self.lengths.max())
-
-    @property
-    def span(self) -> int:
-        """Positions used by the longest row (its entries minus its padding)."""
-        return int((self.lengths - self.start).max())
 
     def reset(self):
         self.lengths.zero_()
@@ -146,9 +142,12 @@ class KVCache:
             t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst], self.start[dst] = self.lengths[src], self.start[src]
 
-    def begin(self, T: int, device) -> torch.Tensor:
+    @torch.compiler.disable  # host-side bookkeeping: runs eagerly even inside a compiled model
+    def begin(self, T: int, device, max_positions: int | None = None) -> torch.Tensor:
         """Plan where T new tokens per row go; return their positions, (T,) or (B, T) when rows differ."""
         n, B = self.lengths, len(self.lengths)
+        if max_positions is not None and int((n - self.start).max()) + T > max_positions:
+            raise ValueError(f"sequence of {int((n - self.start).max()) + T} tokens exceeds the context window ({max_positions})")
         uniform = bool((n == n[0]).all())
         if not uniform and T != 1:
             raise ValueError("rows of different lengths can only advance one token at a time")
@@ -174,6 +173,9 @@ class KVCache:
             plan.update(write="ring", read="ring", past_slots=k_idx[:past] % self.size, keep=keep,
                         keep_slots=torch.arange(n0 + T - keep, n0 + T, device=device) % self.size)
             plan["mask"] = self._mask(q_idx, k_idx, start, padded)
+        elif self.static and T == 1:
+            plan.update(write=(torch.arange(B, device=device), q_idx[:, 0]), read=self.size,
+                        mask=self._mask(q_idx, torch.arange(self.size, device=device), start, True))
         else:
             S = int(n.max()) + T
             plan.update(write=slice(plan["n0"], plan["n0"] + T) if uniform else (torch.arange(B, device=device), q_idx[:, 0]), read=S)
@@ -185,11 +187,11 @@ class KVCache:
             else:
                 plan["mask"] = self._mask(q_idx, torch.arange(S, device=device), start, padded)
         self._plan = plan
-        positions = q_idx - start[:, :, 0] if padded or not uniform else q_idx[0]
+        positions = q_idx - start[:, :, 0] if padded or not uniform or self.static else q_idx[0]
         return positions.clamp(min=0)
 
     def _mask(self, q_idx, k_idx, start, padded: bool) -> torch.Tensor:
-        """(B, 1, T, S) or (T, S): causal, windowed, padding hidden; every query sees at least itself."""
+        """(B, 1, T, S), or (T, S) when no row is padded or ahead: causal, windowed, padding hidden; every query sees itself."""
         if not padded and bool((q_idx == q_idx[:1]).all()):
             return window_mask(q_idx[0], k_idx, self.window)
         q, k = q_idx[:, :, None], k_idx[None, None, :]
@@ -220,6 +222,7 @@ class KVCache:
             return ck, cv, p["mask"], False
         return ck[:, :, : p["read"]], cv[:, :, : p["read"]], p["mask"], p["causal"]
 
+    @torch.compiler.disable
     def advance(self, T: int):
         self.lengths += T
         self._plan = None
