@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
+QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")  # lmforge.packing.QUANTIZE (not imported here: it loads torch)
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
 
@@ -57,7 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0; seq2seq: beam size 1)")
+    ge.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than MIN_P x the most likely one")
+    ge.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the prompt or output")
+    ge.add_argument("--frequency-penalty", type=float, default=0.0)
+    ge.add_argument("--presence-penalty", type=float, default=0.0)
+    ge.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     ge.add_argument("--device", default="cpu")
+    ge.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
+    ge.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
+
+    se = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API")
+    se.add_argument("run")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
+    se.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the run directory's name)")
+    se.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
+    se.add_argument("--device", default="cpu")
+    se.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
+    se.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)")
     ev.add_argument("run")
@@ -67,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--length-penalty", type=float, default=1.0)
     ev.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate on at most this many tokens")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quantize", choices=QUANTIZE, default=None, help="evaluate the weights as --quantize would serve them")
 
     sub.add_parser("presets", help="list the named model presets")
 
@@ -158,6 +178,8 @@ def _dispatch(args, extra):
         return _generate(args)
     if args.verb == "eval":
         return _eval(args)
+    if args.verb == "serve":
+        return _serve(args)
     if args.verb == "presets":
         return _presets()
     if args.verb == "convert":
@@ -272,25 +294,32 @@ def _free_run_dir(base: Path) -> Path:
 def _generate(args):
     import torch
 
-    from .generation import generate_stream
+    from .generation import SamplingParams, generate_stream
+    from .packing import pack_for_inference
     from .runs import load
 
-    model, tok = load(args.run, device=args.device)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise LmforgeError("--max-new-tokens must be at least 1")
+    max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
+    temperature = 0.0 if args.greedy else args.temperature
+    extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                 presence_penalty=args.presence_penalty, stop=args.stop)
+    SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
+    model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _generate_seq2seq(args, model, tok)
     if args.source is not None or args.source_file is not None:
         raise LmforgeError(f"{args.run} is a language model: give --prompt (--source is for seq2seq runs)")
-    max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
-    temperature = 0.0 if args.greedy else args.temperature
-    if temperature < 0:
-        raise LmforgeError("--temperature must be >= 0")
+    if not args.compile:
+        pack_for_inference(model, args.quantize)
     torch.manual_seed(args.seed if args.seed is not None else torch.seed() % (2**31))
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(model, tok, prompt, max_new_tokens, temperature, args.top_k, args.top_p, args.seed):
+        for piece in generate_stream(model, tok, prompt, max_new_tokens, temperature, args.top_k, args.top_p, args.seed,
+                                     compile=args.compile, **extra):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -351,6 +380,10 @@ def _eval(args):
         raise LmforgeError(f"{args.run} is a language model: --demo is for seq2seq runs")
     if args.data is None:
         raise LmforgeError("eval needs --data")
+    if args.quantize is not None:
+        from .packing import pack_for_inference
+
+        pack_for_inference(model, args.quantize)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
     if "moe_routing" in res:
@@ -400,6 +433,22 @@ def _eval_seq2seq(args, model, tok):
     res = evaluate_pairs(model, tok, pairs, args.beam_size, args.length_penalty)
     print(f"pairs {res['pairs']:,} | loss {res['loss']:.4f} | exact match {100 * res['exact_match']:.2f}% | "
           f"BLEU {res['bleu']:.2f} | chrF {res['chrf']:.2f}")
+
+
+def _serve(args):
+    import os
+
+    from .serving import serve
+
+    if not 0 < args.port < 65536:
+        raise LmforgeError("--port must be between 1 and 65535")
+    if args.max_batch < 1:
+        raise LmforgeError("--max-batch must be at least 1")
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
+    serve(args.run, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name, max_batch=args.max_batch,
+          device=args.device, quantize=args.quantize, compile=args.compile)
 
 
 def _presets():

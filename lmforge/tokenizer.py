@@ -102,21 +102,49 @@ class Tokenizer:
                 lengths[i] = len(self.decode([i]).encode("utf-8"))
         return lengths
 
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
     def stream_decode(self, ids: Iterable[int]) -> Iterator[str]:
         """Yield text pieces as ids arrive, never splitting a multi-byte character."""
-        buf: list[int] = []
-        emitted = 0
+        decoder = self.stream_decoder()
         for i in ids:
-            buf.append(i)
-            text = self.decode(buf)
-            if text.endswith("\ufffd"):
-                continue  # wait for the rest of the character
-            if len(text) > emitted:
-                yield text[emitted:]
-            emitted = len(text)
-            if len(buf) > 64:  # keep decoding cost bounded: restart from a clean boundary
-                buf, emitted = [], 0
-        if buf:
-            text = self.decode(buf)
-            if len(text) > emitted:
-                yield text[emitted:]
+            piece = decoder.push(i)
+            if piece:
+                yield piece
+        piece = decoder.flush()
+        if piece:
+            yield piece
+
+
+class StreamDecoder:
+    """Token ids in, one at a time; text out, holding back the bytes of an unfinished character.
+
+    Each new piece is the difference between decoding the recent ids with and without the newest
+    ones, so tokenizers that drop a leading space when a token is decoded alone still join
+    correctly, and the cost per id stays constant however long the text grows.
+    """
+
+    MAX_PENDING = 8  # ids held back at most; more than any one character needs, so a lone invalid byte still comes out
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] were already turned into text; they give the next piece its context
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix: self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(before) and (not text.endswith("\ufffd") or len(self.ids) - self.read >= self.MAX_PENDING):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character comes out as U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self.prefix: self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]

@@ -87,14 +87,16 @@ class DecoderLM(nn.Module):
                        device=device or p.device, dtype=dtype or p.dtype)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues the cached positions."""
+        """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues each row's cached tokens."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
         cfg = self.config
-        if self.pos_emb is not None or cfg.pos == "sinusoidal":
-            if start + T > cfg.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context window ({cfg.block_size})")
-        positions = torch.arange(start, start + T, device=idx.device)
+        limit = cfg.block_size if self.pos_emb is not None or cfg.pos == "sinusoidal" else None  # positions that have an embedding
+        if cache is None:
+            if limit is not None and T > limit:
+                raise ValueError(f"sequence of {T} tokens exceeds the context window ({limit})")
+            positions = torch.arange(T, device=idx.device)
+        else:  # (T,), or (B, T) when rows sit at different positions (left padding, rows of different lengths)
+            positions = cache.begin(T, idx.device, limit)
         x = self.tok_emb(idx)  # (B, T, d_model)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -108,7 +110,7 @@ class DecoderLM(nn.Module):
             else:
                 x = block(x, rope, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))

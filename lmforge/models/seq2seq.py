@@ -217,7 +217,7 @@ class Seq2SeqTransformer(nn.Module):
         for layer, kv in zip(self.decoder, memory_kv):
             x = layer(x, self_mask, kv, memory_mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return self.lm_head(x)
