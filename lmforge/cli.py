@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the prompt or output")
     ge.add_argument("--frequency-penalty", type=float, default=0.0)
     ge.add_argument("--presence-penalty", type=float, default=0.0)
-    ge.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    ge.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable; \\n and \\t are understood)")
     ge.add_argument("--device", default="cpu")
     ge.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
     ge.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
@@ -303,7 +303,7 @@ def _generate(args):
     max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     temperature = 0.0 if args.greedy else args.temperature
     extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                 presence_penalty=args.presence_penalty, stop=args.stop)
+                 presence_penalty=args.presence_penalty, stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop])
     SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
     if args.compile and args.quantize != "none":
         raise LmforgeError("--compile and --quantize are alternatives; choose one")

@@ -6,7 +6,7 @@ matrix-vector products stream weights from memory. Measured on a 2-core AVX-512 
 batch 1; the same weights reordered once into oneDNN's blocked layout (what torch.compile's CPU
 path does after freezing) reach the bandwidth limit. Options:
 
-    none          fp32, oneDNN-packed: same results up to float rounding
+    none          fp32, oneDNN-packed (layers of at least PACK_MIN_WEIGHTS): same results up to float rounding
     bf16          weights and matrix products in bfloat16 (activations stay fp32 between layers)
     int8          weight-only int8: one scale per output channel, activations stay fp32
     int8-dynamic  int8 weights, and activations rounded to int8 per call (fbgemm): fastest, least exact
@@ -26,6 +26,7 @@ import torch.nn as nn
 from .errors import LmforgeError
 
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
+PACK_MIN_WEIGHTS = 1 << 19  # fp32 packing skips layers smaller than this (768 x 768 is packed, 192 x 576 is not)
 
 
 def _mkldnn_ok() -> bool:
@@ -107,8 +108,10 @@ def pack_for_inference(model: nn.Module, quantize: str | None = "none") -> nn.Mo
         "int8": Int8Linear,
         "int8-dynamic": DynamicInt8Linear,
     }[quantize]
+    # Packing pays off when a layer streams its weights from memory; a small one that stays in cache is faster as it is.
+    smallest = PACK_MIN_WEIGHTS if quantize == "none" else 0
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32]
+               if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.numel() >= smallest]
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, make(child))
