@@ -9,7 +9,6 @@ and scores a finished one by its summed log-probability / length ** length_penal
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
