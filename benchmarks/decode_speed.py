@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from hf_gpt2 import check_same, to_hf_gpt2  # noqa: E402
 from lmforge.config import preset  # noqa: E402
-from lmforge.generation import SamplingParams, generate_batch  # noqa: E402
-from lmforge.models import build_model  # noqa: E402
+from lmforge.generation import Engine, SamplingParams, generate_batch  # noqa: E402
+from lmforge.models import DecoderLM, build_model  # noqa: E402
 from lmforge.packing import pack_for_inference  # noqa: E402
 
 
@@ -59,7 +59,8 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="fp32,fp32-linear,bf16,int8-dynamic,int8",
-                    help="lmforge variants: fp32 (oneDNN-packed), fp32-linear (plain nn.Linear), bf16, int8-dynamic, int8")
+                    help="lmforge variants: fp32 (oneDNN-packed), fp32-linear (plain nn.Linear), bf16, int8-dynamic, int8, "
+                         "fp32-compile (torch.compile'd decode step; minutes to compile)")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = build_model(preset("gpt2").model).eval()
@@ -67,12 +68,12 @@ def main():
     print(f"GPT-2 124M shape, random weights, {torch.get_num_threads()} threads; max |logit difference| lmforge vs transformers: {check_same(base, hf):.2e}")
     models = {}
     for v in args.variants.split(","):
-        models[v] = base if v == "fp32-linear" else pack_for_inference(copy.deepcopy(base), {"fp32": "none"}.get(v, v))
+        models[v] = base if v in ("fp32-linear", "fp32-compile") else pack_for_inference(copy.deepcopy(base), {"fp32": "none"}.get(v, v))
     bw = max(read_bandwidth() for _ in range(3))
     print(f"measured memory read bandwidth: {bw / 1e9:.1f} GB/s\n")
 
-    def run_ours(model, prompts, new):
-        return generate_batch(model, None, prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True))
+    def run_ours(model, prompts, new, compile=False):
+        return generate_batch(model, None, prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True), compile=compile)
 
     def run_hf(ids, new):
         with torch.inference_mode():
@@ -86,12 +87,12 @@ def main():
         theirs = run_hf(ids, args.new)[:, args.prompt:].tolist()
         mine = [c.token_ids for c in run_ours(models.get("fp32", base), prompts, args.new)]
         same = sum(a == b for ra, rb in zip(theirs, mine) for a, b in zip(ra, rb)) / (B * args.new)
-        for m in models.values():
-            run_ours(m, prompts, 4)
+        for v, m in models.items():
+            run_ours(m, prompts, 4, compile=v.endswith("compile"))
         totals, steps = {}, {}
         for _ in range(args.repeats):
             for name, model, fn in [("transformers", hf, lambda: run_hf(ids, args.new))] + \
-                                   [(v, m, lambda m=m: run_ours(m, prompts, args.new)) for v, m in models.items()]:
+                                   [(v, m, lambda m=m, v=v: run_ours(m, prompts, args.new, v.endswith("compile"))) for v, m in models.items()]:
                 with forward_times(model) as stamps:
                     t0 = time.perf_counter()
                     fn()
@@ -115,13 +116,30 @@ def main():
 
 @contextmanager
 def forward_times(module):
-    """Timestamps at the end of each forward pass of module (prefill, then one per decode step)."""
+    """Timestamps at the end of each forward pass (prefill, then one per decode step): transformers' model
+    forward, or lmforge's Engine.add/step (outside any compiled code, so timing never forces a recompile)."""
     stamps = [time.perf_counter()]
-    handle = module.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    if module is not None and not isinstance(module, DecoderLM):
+        handle = module.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+        try:
+            yield stamps
+        finally:
+            handle.remove()
+        return
+    add, step = Engine.add, Engine.step
+
+    def timed(fn):
+        def wrapper(self, *a, **kw):
+            out = fn(self, *a, **kw)
+            stamps.append(time.perf_counter())
+            return out
+        return wrapper
+
+    Engine.add, Engine.step = timed(add), timed(step)
     try:
         yield stamps
     finally:
-        handle.remove()
+        Engine.add, Engine.step = add, step
 
 
 if __name__ == "__main__":

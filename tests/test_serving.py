@@ -312,3 +312,22 @@ def test_api_key(model_tok, monkeypatch):
             client(port, "wrong").models.list()
         assert client(port, "sekret").completions.create(**body).choices
         assert raw(port, "GET", "/health")[0] == 200  # liveness stays open
+
+
+def test_cli_serve_generate_and_eval_options(tiny_run, corpus_dir, capsys):
+    from conftest import run_cli
+
+    for argv, expected in [(["serve", tiny_run, "--port", 0], "--port"), (["serve", tiny_run, "--max-batch", 0], "--max-batch"),
+                           (["serve", tiny_run, "--compile", "--quantize", "bf16"], "alternatives"),
+                           (["serve", tiny_run / "missing"], "not found"),
+                           (["generate", tiny_run, "--prompt", "x", "--top-p", "1.5"], "top_p"),
+                           (["generate", tiny_run, "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty")]:
+        code, _, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, err)
+    code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "1: the", "--greedy", "--max-new-tokens", 20, "--stop", ".")
+    assert code == 0 and out.startswith("1: the") and "." not in out[len("1: the"):], err
+    code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "1: the", "--quantize", "bf16", "--max-new-tokens", 5, "--seed", 1)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", tiny_run, "--data", corpus_dir / "part0.txt", "--quantize", "int8")
+    assert code == 0 and "perplexity" in out, err

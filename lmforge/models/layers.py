@@ -157,7 +157,7 @@ class KVCache:
         steps = torch.arange(T, device=device)
         q_idx = n.to(device)[:, None] + steps  # (B, T) cache index of each new token
         start = self.start.to(device)[:, None, None]  # (B, 1, 1)
-        plan = {"uniform": uniform, "n0": int(n[0]), "T": T, "mask": None, "causal": False}
+        plan = {"n0": int(n[0]), "T": T, "mask": None, "causal": False}
         if self.ring and T == 1:
             # Write first, then attend over the whole ring: slot s holds the latest index <= q with index % size == s.
             slots = torch.arange(self.size, device=device)
