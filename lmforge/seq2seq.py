@@ -8,6 +8,8 @@ and scores a finished one by its summed log-probability / length ** length_penal
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,8 +277,10 @@ class Seq2SeqTask:
     def loss(self, model, batch: PairBatch) -> torch.Tensor:
         return seq2seq_loss(model, batch, self.cfg.train.label_smoothing)
 
-    def evaluate(self, model, device) -> dict:
-        res = evaluate_pairs(model, self.tokenizer, self.val_pairs, beam_size=1, warn=self.log)
+    def evaluate(self, model, device, autocast=contextlib.nullcontext, forward=None) -> dict:
+        """Validation loss and greedy-decoding scores (decoding needs the plain model, so `forward` is unused)."""
+        with autocast():
+            res = evaluate_pairs(model, self.tokenizer, self.val_pairs, beam_size=1, warn=self.log)
         return {"val_loss": res["loss"], "val_exact_match": res["exact_match"], "val_bleu": res["bleu"], "val_chrf": res["chrf"]}
 
     def format_eval(self, res: dict) -> str:

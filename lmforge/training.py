@@ -215,9 +215,10 @@ class LMTask:
     def loss(self, model, batch):
         return lm_loss(model, *batch, label_smoothing=self.cfg.train.label_smoothing)
 
-    def evaluate(self, model, device, autocast=contextlib.nullcontext) -> dict:
+    def evaluate(self, model, device, autocast=contextlib.nullcontext, forward=None) -> dict:
+        """Validation metrics; `forward` is the wrapped/compiled model to run, when there is one."""
         tc = self.cfg.train
-        return evaluate(model, self.val_data, tc.batch_size, self.seq_len, tc.eval_batches, self.byte_lengths, device, autocast)
+        return evaluate(forward or model, self.val_data, tc.batch_size, self.seq_len, tc.eval_batches, self.byte_lengths, device, autocast)
 
     def format_eval(self, res: dict) -> str:
         bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
@@ -426,10 +427,7 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
         barrier(dist_info)
 
     def run_eval():
-        if isinstance(task, LMTask):
-            res = task.evaluate(fwd, device, autocast)
-        else:
-            res = task.evaluate(model, device)
+        res = task.evaluate(model, device, autocast, forward=fwd)
         res.update(step=step, tokens=tokens, elapsed=round(elapsed, 2))
         metrics.write(res)
         log(f"eval step {step}: {task.format_eval(res)}")

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from lmforge.data import read_shard
 from conftest import TINY_ARGS, run_cli

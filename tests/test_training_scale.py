@@ -13,7 +13,6 @@ import torch
 
 from lmforge import checkpoint as ckptmod
 from lmforge.config import Config, ModelConfig, TrainConfig
-from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.optim import Muon, newton_schulz
 from lmforge.training import train
