@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from hf_gpt2 import check_same, to_hf_gpt2  # noqa: E402
+
 from lmforge.config import preset  # noqa: E402
-from lmforge.generation import Engine, SamplingParams, generate_batch  # noqa: E402
+from lmforge.inference.engine import Engine, generate_batch  # noqa: E402
+from lmforge.inference.quantize import pack_for_inference  # noqa: E402
+from lmforge.inference.sampling import SamplingParams
 from lmforge.models import DecoderLM, build_model  # noqa: E402
-from lmforge.packing import pack_for_inference  # noqa: E402
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -58,22 +59,33 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="fp32,fp32-linear,bf16,int8-dynamic,int8",
-                    help="lmforge variants: fp32 (oneDNN-packed), fp32-linear (plain nn.Linear), bf16, int8-dynamic, int8, "
-                         "fp32-compile (torch.compile'd decode step; minutes to compile)")
+    ap.add_argument(
+        "--variants",
+        default="fp32,fp32-linear,bf16,int8-dynamic,int8",
+        help="lmforge variants: fp32 (oneDNN-packed), fp32-linear (plain nn.Linear), bf16, int8-dynamic, int8, "
+        "fp32-compile (torch.compile'd decode step; minutes to compile)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     base = build_model(preset("gpt2").model).eval()
     hf = to_hf_gpt2(base)
-    print(f"GPT-2 124M shape, random weights, {torch.get_num_threads()} threads; max |logit difference| lmforge vs transformers: {check_same(base, hf):.2e}")
+    print(
+        f"GPT-2 124M shape, random weights, {torch.get_num_threads()} threads; max |logit difference| lmforge vs transformers: {check_same(base, hf):.2e}"
+    )
     models = {}
     for v in args.variants.split(","):
-        models[v] = base if v in ("fp32-linear", "fp32-compile") else pack_for_inference(copy.deepcopy(base), {"fp32": "none"}.get(v, v))
+        models[v] = (
+            base
+            if v in ("fp32-linear", "fp32-compile")
+            else pack_for_inference(copy.deepcopy(base), {"fp32": "none"}.get(v, v))
+        )
     bw = max(read_bandwidth() for _ in range(3))
     print(f"measured memory read bandwidth: {bw / 1e9:.1f} GB/s\n")
 
     def run_ours(model, prompts, new, compile=False):
-        return generate_batch(model, None, prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True), compile=compile)
+        return generate_batch(
+            model, None, prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True), compile=compile
+        )
 
     def run_hf(ids, new):
         with torch.inference_mode():
@@ -84,15 +96,17 @@ def main():
         ids = torch.randint(0, 50257, (B, args.prompt), generator=g)
         prompts = ids.tolist()
         # warm up, and check both generate the same greedy tokens
-        theirs = run_hf(ids, args.new)[:, args.prompt:].tolist()
+        theirs = run_hf(ids, args.new)[:, args.prompt :].tolist()
         mine = [c.token_ids for c in run_ours(models.get("fp32", base), prompts, args.new)]
         same = sum(a == b for ra, rb in zip(theirs, mine) for a, b in zip(ra, rb)) / (B * args.new)
         for v, m in models.items():
             run_ours(m, prompts, 4, compile=v.endswith("compile"))
         totals, steps = {}, {}
         for _ in range(args.repeats):
-            for name, model, fn in [("transformers", hf, lambda: run_hf(ids, args.new))] + \
-                                   [(v, m, lambda m=m, v=v: run_ours(m, prompts, args.new, v.endswith("compile"))) for v, m in models.items()]:
+            for name, model, fn in [("transformers", hf, lambda: run_hf(ids, args.new))] + [
+                (v, m, lambda m=m, v=v: run_ours(m, prompts, args.new, v.endswith("compile")))
+                for v, m in models.items()
+            ]:
                 with forward_times(model) as stamps:
                     t0 = time.perf_counter()
                     fn()
@@ -105,13 +119,19 @@ def main():
         context = args.prompt + args.new / 2
         limit = B * bw / bytes_per_step(base, B, context)  # tokens/s if every step only streamed its bytes from memory
         print(f"batch {B}: greedy tokens identical to transformers: {same:.1%}")
-        print(f"  {'':<14} {'end-to-end tok/s':>17} {'x transformers':>15} {'decode tok/s':>13} {'x transformers':>15} {'of bandwidth limit':>19}")
+        print(
+            f"  {'':<14} {'end-to-end tok/s':>17} {'x transformers':>15} {'decode tok/s':>13} {'x transformers':>15} {'of bandwidth limit':>19}"
+        )
         for name in totals:
             frac = f"{decode[name] / limit:.0%}" if name in ("transformers", "fp32", "fp32-linear") else ""
-            print(f"  {name:<14} {e2e[name]:>17.1f} {e2e[name] / e2e['transformers']:>14.2f}x {decode[name]:>13.1f} "
-                  f"{decode[name] / decode['transformers']:>14.2f}x {frac:>19}")
-        print(f"  (fp32 bandwidth limit: {limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / {bytes_per_step(base, B, context) / 1e6:.0f} MB "
-              f"read per step x {B} rows; best of {args.repeats} runs: end-to-end incl. prefill, decode = median step time)\n")
+            print(
+                f"  {name:<14} {e2e[name]:>17.1f} {e2e[name] / e2e['transformers']:>14.2f}x {decode[name]:>13.1f} "
+                f"{decode[name] / decode['transformers']:>14.2f}x {frac:>19}"
+            )
+        print(
+            f"  (fp32 bandwidth limit: {limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / {bytes_per_step(base, B, context) / 1e6:.0f} MB "
+            f"read per step x {B} rows; best of {args.repeats} runs: end-to-end incl. prefill, decode = median step time)\n"
+        )
 
 
 @contextmanager
@@ -133,6 +153,7 @@ def forward_times(module):
             out = fn(self, *a, **kw)
             stamps.append(time.perf_counter())
             return out
+
         return wrapper
 
     Engine.add, Engine.step = timed(add), timed(step)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lmforge.config import ModelConfig, preset
-from lmforge.training import train
+from lmforge.train.loop import train
 
 p = argparse.ArgumentParser()
 p.add_argument("--seconds", type=float, default=120)
@@ -30,8 +30,18 @@ shutil.rmtree(out / "runs", ignore_errors=True)
 def reference_config():
     cfg = preset("tiny")
     m = cfg.model
-    cfg.model = ModelConfig(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
-                            norm="layernorm", pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=True)
+    cfg.model = ModelConfig(
+        vocab_size=m.vocab_size,
+        block_size=m.block_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+        norm="layernorm",
+        pos="learned",
+        mlp="gelu_tanh",
+        bias=True,
+        tie_embeddings=True,
+    )
     cfg.train.optimizer, cfg.train.precision, cfg.train.lr = "adamw", "fp32", 3e-3
     return cfg
 
@@ -45,8 +55,10 @@ for name, cfg in recipes.items():
     train(cfg, out / "runs" / name, data=None, cache_root=out / "cache", log=lambda *_: None)
     recs = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     curves[name] = [(r["elapsed"], r["val_loss"]) for r in recs if "val_loss" in r]
-    print(f"{name:<10} final val loss {curves[name][-1][1]:.4f} after {curves[name][-1][0]:.0f}s of training "
-          f"({time.time() - t0:.0f}s wall with evaluation)")
+    print(
+        f"{name:<10} final val loss {curves[name][-1][1]:.4f} after {curves[name][-1][0]:.0f}s of training "
+        f"({time.time() - t0:.0f}s wall with evaluation)"
+    )
 
 target = curves["reference"][-1][1]
 
@@ -59,8 +71,10 @@ def time_to(curve, target):
 
 
 t_ref, t_def = time_to(curves["reference"], target), time_to(curves["default"], target)
-print(f"time to reach the reference's final loss {target:.4f}: reference {t_ref:.0f}s, default "
-      + (f"{t_def:.0f}s ({t_def / t_ref:.2f} of the reference's time)" if t_def is not None else "not reached"))
+print(
+    f"time to reach the reference's final loss {target:.4f}: reference {t_ref:.0f}s, default "
+    + (f"{t_def:.0f}s ({t_def / t_ref:.2f} of the reference's time)" if t_def is not None else "not reached")
+)
 
 import matplotlib  # noqa: E402
 

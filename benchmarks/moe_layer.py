@@ -52,13 +52,19 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=args.d_model, d_ff=args.d_ff, mlp="swiglu", bias=False, moe_experts=args.experts, moe_top_k=args.top_k)
+    cfg = ModelConfig(
+        d_model=args.d_model, d_ff=args.d_ff, mlp="swiglu", bias=False, moe_experts=args.experts, moe_top_k=args.top_k
+    )
     moe, dense = MoE(cfg).train(), MLP(cfg).train()
     x = torch.randn(args.tokens // 256, 256, args.d_model)
     with torch.no_grad():
         err = (moe(x) - naive_moe(moe, x)).abs().max().item()
 
-    impls = {"dense FFN (one expert's size)": dense, "MoE (sorted dispatch)": moe, "naive MoE (all experts)": lambda x: naive_moe(moe, x)}
+    impls = {
+        "dense FFN (one expert's size)": dense,
+        "MoE (sorted dispatch)": moe,
+        "naive MoE (all experts)": lambda x: naive_moe(moe, x),
+    }
     for fn in impls.values():  # warm up
         time_fwd_bwd(fn, x, 1)
     results = {name: [] for name in impls}
@@ -67,8 +73,10 @@ def main():
             results[name].append(time_fwd_bwd(fn, x, args.repeats))
     t = {name: min(v) for name, v in results.items()}
 
-    print(f"{args.tokens} tokens, d_model {args.d_model}, expert d_ff {args.d_ff}, {args.experts} experts top-{args.top_k}, "
-          f"{args.threads} threads; forward+backward, best of 3 medians of {args.repeats}")
+    print(
+        f"{args.tokens} tokens, d_model {args.d_model}, expert d_ff {args.d_ff}, {args.experts} experts top-{args.top_k}, "
+        f"{args.threads} threads; forward+backward, best of 3 medians of {args.repeats}"
+    )
     for name, v in t.items():
         print(f"  {name:<32} {1e3 * v:8.1f} ms")
     d, m, n = t["dense FFN (one expert's size)"], t["MoE (sorted dispatch)"], t["naive MoE (all experts)"]

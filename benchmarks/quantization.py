@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lmforge.evaluation import evaluate_text  # noqa: E402
-from lmforge.generation import SamplingParams, generate_batch  # noqa: E402
-from lmforge.packing import QUANTIZE, pack_for_inference  # noqa: E402
+from lmforge.evaluation.perplexity import evaluate_text  # noqa: E402
+from lmforge.inference.engine import generate_batch
+from lmforge.inference.quantize import QUANTIZE, pack_for_inference  # noqa: E402
+from lmforge.inference.sampling import SamplingParams  # noqa: E402
 from lmforge.runs import load  # noqa: E402
 
 
@@ -32,12 +33,18 @@ def main():
     args = ap.parse_args()
 
     ref_model, tok = load(args.run)
-    probe = torch.randint(0, tok.vocab_size, (4, ref_model.config.block_size), generator=torch.Generator().manual_seed(0))
+    probe = torch.randint(
+        0, tok.vocab_size, (4, ref_model.config.block_size), generator=torch.Generator().manual_seed(0)
+    )
     with torch.inference_mode():
         ref_logp = torch.log_softmax(ref_model(probe).float(), -1)
     prompt = tok.encode("import os\n\ndef main():\n")
-    print(f"{args.run}: {ref_model.num_params() / 1e6:.1f}M parameters; perplexity on {args.data}; decode speed at batch 1, {args.new} tokens\n")
-    print(f"{'weights':<22} {'perplexity':>10} {'change':>8} {'KL vs fp32 (nats/token)':>24} {'top-1 agreement':>16} {'decode tok/s':>13}")
+    print(
+        f"{args.run}: {ref_model.num_params() / 1e6:.1f}M parameters; perplexity on {args.data}; decode speed at batch 1, {args.new} tokens\n"
+    )
+    print(
+        f"{'weights':<22} {'perplexity':>10} {'change':>8} {'KL vs fp32 (nats/token)':>24} {'top-1 agreement':>16} {'decode tok/s':>13}"
+    )
     base_ppl = None
     for q in ("fp32 (nn.Linear)",) + QUANTIZE:
         model, _ = load(args.run)
@@ -57,7 +64,9 @@ def main():
             best = min(best, time.perf_counter() - t)
         base_ppl = base_ppl or res["perplexity"]
         name = {"none": "fp32 (oneDNN-packed)"}.get(q, q)
-        print(f"{name:<22} {res['perplexity']:>10.3f} {res['perplexity'] / base_ppl - 1:>+8.2%} {kl:>24.5f} {agree:>16.2%} {args.new / best:>13.1f}")
+        print(
+            f"{name:<22} {res['perplexity']:>10.3f} {res['perplexity'] / base_ppl - 1:>+8.2%} {kl:>24.5f} {agree:>16.2%} {args.new / best:>13.1f}"
+        )
 
 
 if __name__ == "__main__":

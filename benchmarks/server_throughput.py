@@ -29,15 +29,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from openai import OpenAI  # noqa: E402
 
-from lmforge import data  # noqa: E402
 from lmforge.config import Config, preset  # noqa: E402
+from lmforge.data.corpus import stdlib_files  # noqa: E402
+from lmforge.data.tokenizer import Tokenizer  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
 from lmforge.runs import WEIGHTS, save_config, save_weights  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 
 def make_run(path: Path, vocab: int) -> None:
-    files = sorted(data.stdlib_files(), key=lambda p: p.stat().st_size)[-60:]
+    files = sorted(stdlib_files(), key=lambda p: p.stat().st_size)[-60:]
     tok = Tokenizer.train((p.read_text(encoding="utf-8", errors="ignore") for p in files), vocab)
     cfg: Config = preset("gpt2")
     cfg.model.vocab_size = (tok.vocab_size + 63) // 64 * 64
@@ -63,8 +63,16 @@ def round_of(client: OpenAI, n: int, tokens: int, prompts: list[str]) -> tuple[f
     def one(i):
         start.wait()
         t0 = time.perf_counter()
-        stream = client.completions.create(model="bench", prompt=prompts[i % len(prompts)], max_tokens=tokens, temperature=0.8,
-                                           seed=i, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="bench",
+            prompt=prompts[i % len(prompts)],
+            max_tokens=tokens,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].text and not ttft[i]:
                 ttft[i] = time.perf_counter() - t0
@@ -89,13 +97,29 @@ def main():
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--quantize", default="none")
     args = ap.parse_args()
-    prompts = ["import os\nimport sys\n\ndef main(", "class Parser:\n    def __init__(self", "# Copyright 2001 Python Software Foundation\n",
-               "def test_round_trip(self):\n        data = "]
+    prompts = [
+        "import os\nimport sys\n\ndef main(",
+        "class Parser:\n    def __init__(self",
+        "# Copyright 2001 Python Software Foundation\n",
+        "def test_round_trip(self):\n        data = ",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "bench"
         make_run(run, args.vocab)
         port = free_port()
-        cmd = [sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(port), "--max-batch", "16", "--quantize", args.quantize]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--max-batch",
+            "16",
+            "--quantize",
+            args.quantize,
+        ]
         env = {k: v for k, v in os.environ.items() if k != "LMFORGE_API_KEY"}
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         try:
@@ -109,9 +133,13 @@ def main():
                     time.sleep(0.1)
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
             round_of(client, 2, 8, prompts)  # warm up
-            print(f"GPT-2 small shape, {args.vocab}-token vocabulary, random weights, --quantize {args.quantize}, {args.tokens} new tokens per request, "
-                  f"{torch.get_num_threads()} threads")
-            print(f"{'clients':>8} {'total tok/s':>12} {'x 1 client':>11} {'per-client tok/s':>17} {'median first token':>19}")
+            print(
+                f"GPT-2 small shape, {args.vocab}-token vocabulary, random weights, --quantize {args.quantize}, {args.tokens} new tokens per request, "
+                f"{torch.get_num_threads()} threads"
+            )
+            print(
+                f"{'clients':>8} {'total tok/s':>12} {'x 1 client':>11} {'per-client tok/s':>17} {'median first token':>19}"
+            )
             base = None
             for n in [int(c) for c in args.clients.split(",")]:
                 best = None
@@ -122,7 +150,9 @@ def main():
                 wall, toks, ttft = best
                 rate = toks / wall
                 base = base or rate
-                print(f"{n:>8} {rate:>12.1f} {rate / base:>10.2f}x {rate / n:>17.1f} {statistics.median(ttft) * 1e3:>16.0f} ms")
+                print(
+                    f"{n:>8} {rate:>12.1f} {rate / base:>10.2f}x {rate / n:>17.1f} {statistics.median(ttft) * 1e3:>16.0f} ms"
+                )
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
-QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")  # lmforge.packing.QUANTIZE (not imported here: it loads torch)
+QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")  # lmforge.inference.quantize.QUANTIZE (not imported here: it loads torch)
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmforge", description="Build, train and run transformer language models from scratch.")
+    p = argparse.ArgumentParser(
+        prog="lmforge", description="Build, train and run transformer language models from scratch."
+    )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -22,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("data", help="file, directory or glob of text ('stdlib' = the Python standard library)")
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--special", action="append", default=[], help="extra special token (repeatable)")
-    tt.add_argument("--split-digits", action="store_true", help="every digit a token of its own (numbers spelt digit by digit)")
+    tt.add_argument(
+        "--split-digits", action="store_true", help="every digit a token of its own (numbers spelt digit by digit)"
+    )
     tt.add_argument("--out", default="tokenizer.json")
 
     pr = sub.add_parser("prepare", help="tokenise text into train/val shards")
@@ -32,53 +36,111 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--val-fraction", type=float, default=0.01)
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
 
-    tr = sub.add_parser("train", help="train a model (no arguments: the tiny preset on the Python standard library)",
-                        epilog="Any config field can be set as --key value or --section.key=value, e.g. --n_layer 6 --train.lr=1e-3.")
-    tr.add_argument("data", nargs="?", help="text (file, directory, glob) or a directory of prepared shards; default: the Python standard library. "
-                    "With --task seq2seq: a .jsonl ({\"source\": ..., \"target\": ...} per line) or .tsv file of pairs")
-    tr.add_argument("--task", choices=("lm", "seq2seq"), default=None, help="lm: decoder-only language model (default); seq2seq: encoder–decoder on pairs")
-    tr.add_argument("--demo", metavar="NAME", help="seq2seq on a built-in demo task instead of DATA (implies --task seq2seq): "
-                    "numbers, spell, dates, reverse, sort")
+    tr = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the tiny preset on the Python standard library)",
+        epilog="Any config field can be set as --key value or --section.key=value, e.g. --n_layer 6 --train.lr=1e-3.",
+    )
+    tr.add_argument(
+        "data",
+        nargs="?",
+        help="text (file, directory, glob) or a directory of prepared shards; default: the Python standard library. "
+        'With --task seq2seq: a .jsonl ({"source": ..., "target": ...} per line) or .tsv file of pairs',
+    )
+    tr.add_argument(
+        "--task",
+        choices=("lm", "seq2seq"),
+        default=None,
+        help="lm: decoder-only language model (default); seq2seq: encoder–decoder on pairs",
+    )
+    tr.add_argument(
+        "--demo",
+        metavar="NAME",
+        help="seq2seq on a built-in demo task instead of DATA (implies --task seq2seq): "
+        "numbers, spell, dates, reverse, sort",
+    )
     tr.add_argument("--config", help="TOML (or JSON) file with [model] and [train] tables")
-    tr.add_argument("--preset", default=None, help="named preset (see 'lmforge presets'); default tiny, or seq2seq-tiny for --task seq2seq")
+    tr.add_argument(
+        "--preset",
+        default=None,
+        help="named preset (see 'lmforge presets'); default tiny, or seq2seq-tiny for --task seq2seq",
+    )
     tr.add_argument("--out", help="run directory (default runs/PRESET, or the next free runs/PRESET-N)")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
 
-    ge = sub.add_parser("generate", help="generate text from a trained run (continue a prompt, or map sources to outputs for seq2seq)")
+    ge = sub.add_parser(
+        "generate", help="generate text from a trained run (continue a prompt, or map sources to outputs for seq2seq)"
+    )
     ge.add_argument("run")
     ge.add_argument("--prompt", help="text to continue; omit for an interactive prompt loop")
-    ge.add_argument("--source", help="seq2seq: the input to transform; omit (and --source-file) for an interactive loop")
+    ge.add_argument(
+        "--source", help="seq2seq: the input to transform; omit (and --source-file) for an interactive loop"
+    )
     ge.add_argument("--source-file", help="seq2seq: a file of inputs, one per line (one output line each)")
     ge.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
-    ge.add_argument("--length-penalty", type=float, default=1.0, help="seq2seq: hypotheses are ranked by log-probability / length ** this")
+    ge.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="seq2seq: hypotheses are ranked by log-probability / length ** this",
+    )
     ge.add_argument("--max-new-tokens", type=int, default=None, help="default 200; seq2seq: the model's max_len")
     ge.add_argument("--temperature", type=float, default=0.8)
     ge.add_argument("--top-k", type=int, default=None)
     ge.add_argument("--top-p", type=float, default=None)
     ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0; seq2seq: beam size 1)")
-    ge.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than MIN_P x the most likely one")
-    ge.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the prompt or output")
+    ge.add_argument(
+        "--greedy", action="store_true", help="always take the most likely token (temperature 0; seq2seq: beam size 1)"
+    )
+    ge.add_argument(
+        "--min-p", type=float, default=None, help="drop tokens less likely than MIN_P x the most likely one"
+    )
+    ge.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the prompt or output"
+    )
     ge.add_argument("--frequency-penalty", type=float, default=0.0)
     ge.add_argument("--presence-penalty", type=float, default=0.0)
-    ge.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable; \\n and \\t are understood)")
+    ge.add_argument(
+        "--stop", action="append", default=[], help="stop before this string (repeatable; \\n and \\t are understood)"
+    )
     ge.add_argument("--device", default="cpu")
-    ge.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
-    ge.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
+    ge.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic",
+    )
+    ge.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)"
+    )
 
     se = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API")
     se.add_argument("run")
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     se.add_argument("--port", type=int, default=8000)
-    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
-    se.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the run directory's name)")
+    se.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)"
+    )
+    se.add_argument(
+        "--model-name", default=None, help="name clients use in 'model' (default: the run directory's name)"
+    )
     se.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
     se.add_argument("--device", default="cpu")
-    se.add_argument("--quantize", choices=QUANTIZE, default="none", help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic")
-    se.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)")
+    se.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="CPU decode weights: fp32 (none), bf16, int8 (weight-only), int8-dynamic",
+    )
+    se.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (slow to start; instead of --quantize)"
+    )
 
-    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)")
+    ev = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)",
+    )
     ev.add_argument("run")
     ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
     ev.add_argument("--demo", metavar="NAME", help="seq2seq: the held-out test split of a built-in demo task")
@@ -86,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--length-penalty", type=float, default=1.0)
     ev.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate on at most this many tokens")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--quantize", choices=QUANTIZE, default=None, help="evaluate the weights as --quantize would serve them")
+    ev.add_argument(
+        "--quantize", choices=QUANTIZE, default=None, help="evaluate the weights as --quantize would serve them"
+    )
 
     sub.add_parser("presets", help="list the named model presets")
 
@@ -97,15 +161,27 @@ def _parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="measure this machine: matmul peak, training throughput vs a reference")
     besub = be.add_subparsers(dest="bench_verb", metavar="WHAT")
     besub.add_parser("matmul", help="peak matmul FLOP/s (fp32, bf16); stored and used for MFU")
-    bt = besub.add_parser("train", help="steady-state training tokens/s and MFU, lmforge vs the textbook GPT-2 in benchmarks/")
+    bt = besub.add_parser(
+        "train", help="steady-state training tokens/s and MFU, lmforge vs the textbook GPT-2 in benchmarks/"
+    )
     bt.add_argument("--preset", default="tiny")
     bt.add_argument("--steps", type=int, default=10)
     bt.add_argument("--rounds", type=int, default=3)
     bt.add_argument("--batch-size", type=int)
     bt.add_argument("--seq-len", type=int)
     bt.add_argument("--compile", action="store_true")
-    bt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="lmforge's precision (default auto)")
-    bt.add_argument("--ref-precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="the reference's (default fp32)")
+    bt.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="lmforge's precision (default auto)",
+    )
+    bt.add_argument(
+        "--ref-precision",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="the reference's (default fp32)",
+    )
     bt.add_argument("--device", default="auto")
 
     cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
@@ -153,11 +229,11 @@ def _split_train_args(parser, argv):
         name = a.split("=", 1)[0]
         if name in _TRAIN_OPTIONS:
             take = 1 if "=" in a else 2
-            own += argv[i: i + take]
+            own += argv[i : i + take]
             i += take
         elif a.startswith("--"):
             take = 1 if "=" in a else 2
-            extra += argv[i: i + take]
+            extra += argv[i : i + take]
             i += take
         else:
             positional.append(a)
@@ -195,15 +271,15 @@ def _data_spec(s: str | None):
 
 
 def _tokenizer(args):
-    from . import data
-    from .tokenizer import Tokenizer
+    from .data.corpus import SkipCounter, corpus_documents, discover
+    from .data.tokenizer import Tokenizer
 
     if args.tok_verb != "train":
         raise LmforgeError("usage: lmforge tokenizer train DATA --vocab-size N --out tokenizer.json")
     spec = _data_spec(args.data)
-    data.discover(spec)  # fail early on a missing path
-    skipped = data.SkipCounter()
-    tok = Tokenizer.train(data.corpus_documents(spec, skipped), args.vocab_size, args.special, args.split_digits)
+    discover(spec)  # fail early on a missing path
+    skipped = SkipCounter()
+    tok = Tokenizer.train(corpus_documents(spec, skipped), args.vocab_size, args.special, args.split_digits)
     if tok.vocab_size <= 256 + 1 + len(args.special):
         raise LmforgeError(f"no usable text in {args.data}")
     if skipped.files:
@@ -213,23 +289,27 @@ def _tokenizer(args):
 
 
 def _prepare(args):
-    from . import data
+    from .data.prepare import prepare
+    from .data.tokenizer import Tokenizer
     from .io import atomic_path
-    from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(args.tokenizer)
     if not 0 < args.val_fraction < 0.5:
         raise LmforgeError("--val-fraction must be in (0, 0.5)")
-    stats = data.prepare(_data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty())
+    stats = prepare(
+        _data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty()
+    )
     with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
         tok.hf.save(str(tmp))
-    print(f"prepared {stats.documents} documents ({stats.bytes / 1e6:.1f} MB): {stats.train_tokens:,} train tokens, "
-          f"{stats.val_tokens:,} val tokens -> {args.out}")
+    print(
+        f"prepared {stats.documents} documents ({stats.bytes / 1e6:.1f} MB): {stats.train_tokens:,} train tokens, "
+        f"{stats.val_tokens:,} val tokens -> {args.out}"
+    )
 
 
 def _train(args, extra):
     from . import config as C
-    from .training import train
+    from .train.loop import train
 
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
@@ -237,11 +317,13 @@ def _train(args, extra):
     overrides = C.parse_overrides(extra, family)
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
-            raise LmforgeError("--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides")
+            raise LmforgeError(
+                "--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides"
+            )
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
     if family == "seq2seq":
-        from .pairs import demo
+        from .data.pairs import demo
 
         if args.demo and args.data:
             raise LmforgeError("give DATA or --demo, not both")
@@ -294,16 +376,22 @@ def _free_run_dir(base: Path) -> Path:
 def _generate(args):
     import torch
 
-    from .generation import SamplingParams, generate_stream
-    from .packing import pack_for_inference
+    from .inference.engine import generate_stream
+    from .inference.quantize import pack_for_inference
+    from .inference.sampling import SamplingParams
     from .runs import load
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise LmforgeError("--max-new-tokens must be at least 1")
     max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     temperature = 0.0 if args.greedy else args.temperature
-    extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                 presence_penalty=args.presence_penalty, stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop])
+    extra = dict(
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
+        stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop],
+    )
     SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
     if args.compile and args.quantize != "none":
         raise LmforgeError("--compile and --quantize are alternatives; choose one")
@@ -318,8 +406,18 @@ def _generate(args):
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(model, tok, prompt, max_new_tokens, temperature, args.top_k, args.top_p, args.seed,
-                                     compile=args.compile, **extra):
+        for piece in generate_stream(
+            model,
+            tok,
+            prompt,
+            max_new_tokens,
+            temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            compile=args.compile,
+            **extra,
+        ):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -350,11 +448,13 @@ def _is_seq2seq(model) -> bool:
 
 
 def _generate_seq2seq(args, model, tok):
-    from .pairs import read_sources
-    from .seq2seq import translate
+    from .data.pairs import read_sources
+    from .inference.beam import translate
 
     if args.prompt is not None:
-        raise LmforgeError(f"{args.run} is a seq2seq model: give --source or --source-file (--prompt is for language models)")
+        raise LmforgeError(
+            f"{args.run} is a seq2seq model: give --source or --source-file (--prompt is for language models)"
+        )
     if args.source is not None and args.source_file is not None:
         raise LmforgeError("give --source or --source-file, not both")
 
@@ -370,7 +470,7 @@ def _generate_seq2seq(args, model, tok):
 
 
 def _eval(args):
-    from .evaluation import evaluate_text
+    from .evaluation.perplexity import evaluate_text
     from .runs import load
 
     model, tok = load(args.run, device=args.device)
@@ -381,11 +481,13 @@ def _eval(args):
     if args.data is None:
         raise LmforgeError("eval needs --data")
     if args.quantize is not None:
-        from .packing import pack_for_inference
+        from .inference.quantize import pack_for_inference
 
         pack_for_inference(model, args.quantize)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
-    print(f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}")
+    print(
+        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}"
+    )
     if "moe_routing" in res:
         from .models.moe import routing_table
 
@@ -393,7 +495,7 @@ def _eval(args):
 
 
 def _plot(args):
-    from .plotting import plot_runs
+    from .evaluation.plot import plot_runs
 
     out = args.out or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else Path("plots"))
     files = plot_runs(args.runs, out)
@@ -401,19 +503,28 @@ def _plot(args):
 
 
 def _bench(args):
-    from . import bench
+    from .train import bench
 
     if args.bench_verb == "matmul":
         bench.bench_matmul()
     elif args.bench_verb == "train":
-        bench.bench_train(args.preset, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len,
-                          compile=args.compile, precision=args.precision, ref_precision=args.ref_precision, device=args.device)
+        bench.bench_train(
+            args.preset,
+            steps=args.steps,
+            rounds=args.rounds,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            compile=args.compile,
+            precision=args.precision,
+            ref_precision=args.ref_precision,
+            device=args.device,
+        )
     else:
         raise LmforgeError("usage: lmforge bench {matmul,train} ...")
 
 
 def _convert(args):
-    from . import interop
+    from .interop import hf as interop
 
     if args.from_hf:
         out = interop.from_hf(args.from_hf, args.out)
@@ -424,21 +535,23 @@ def _convert(args):
 
 
 def _eval_seq2seq(args, model, tok):
-    from .pairs import demo, read_pairs
-    from .seq2seq import evaluate_pairs
+    from .data.pairs import demo, read_pairs
+    from .evaluation.seq2seq import evaluate_pairs
 
     if (args.data is None) == (args.demo is None):
         raise LmforgeError("eval of a seq2seq run needs --data PAIRS (.jsonl or .tsv) or --demo NAME")
     pairs = demo(args.demo).pairs("test") if args.demo else read_pairs(args.data)
     res = evaluate_pairs(model, tok, pairs, args.beam_size, args.length_penalty)
-    print(f"pairs {res['pairs']:,} | loss {res['loss']:.4f} | exact match {100 * res['exact_match']:.2f}% | "
-          f"BLEU {res['bleu']:.2f} | chrF {res['chrf']:.2f}")
+    print(
+        f"pairs {res['pairs']:,} | loss {res['loss']:.4f} | exact match {100 * res['exact_match']:.2f}% | "
+        f"BLEU {res['bleu']:.2f} | chrF {res['chrf']:.2f}"
+    )
 
 
 def _serve(args):
     import os
 
-    from .serving import serve
+    from .inference.server import serve
 
     if not 0 < args.port < 65536:
         raise LmforgeError("--port must be between 1 and 65535")
@@ -447,15 +560,24 @@ def _serve(args):
     if args.compile and args.quantize != "none":
         raise LmforgeError("--compile and --quantize are alternatives; choose one")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
-    serve(args.run, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name, max_batch=args.max_batch,
-          device=args.device, quantize=args.quantize, compile=args.compile)
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        device=args.device,
+        quantize=args.quantize,
+        compile=args.compile,
+    )
 
 
 def _presets():
+    import torch
+
     from .config import PRESETS, SEQ2SEQ_PRESETS, preset
     from .models import build_model
-
-    import torch
 
     print(f"{'name':<16} {'params':>10} {'active':>10}  description")
     for family, table in (("decoder", PRESETS), ("seq2seq", SEQ2SEQ_PRESETS)):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import tomllib
 
 from .errors import LmforgeError
 
@@ -51,9 +52,13 @@ class ModelConfig:
     moe_top_k: int = 2  # experts each token is sent to
     moe_d_ff: int | None = None  # hidden size of one expert; None = d_ff
     moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0: 1 = every layer, 2 = every second layer
-    moe_capacity_factor: float | None = None  # training only: an expert takes <= ceil(factor * tokens * k / experts); None = no limit
+    moe_capacity_factor: float | None = (
+        None  # training only: an expert takes <= ceil(factor * tokens * k / experts); None = no limit
+    )
     moe_shared_expert: bool = False  # also one always-on expert (of size moe_d_ff) for every token
-    moe_renormalize: bool = True  # gate weights renormalised to sum to 1 over the chosen experts (Mixtral); False = raw softmax
+    moe_renormalize: bool = (
+        True  # gate weights renormalised to sum to 1 over the chosen experts (Mixtral); False = raw softmax
+    )
     moe_aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss (1.0 when perfectly balanced)
     moe_z_loss_coef: float = 0.001  # weight of the router z-loss, mean logsumexp(router logits)^2
     moe_jitter: float = 0.0  # training only: router input multiplied by uniform noise in [1 - jitter, 1 + jitter]
@@ -85,10 +90,18 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "ff_dim", "kv_heads"):
             need(getattr(self, name) > 0, f"{name} must be positive")
         need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        need(self.n_head % self.kv_heads == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        need(
+            self.n_head % self.kv_heads == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})"
+        )
         need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r} (layernorm, rmsnorm)")
-        need(self.pos in ("learned", "sinusoidal", "rope", "none"), f"unknown pos {self.pos!r} (learned, sinusoidal, rope, none)")
-        need(self.mlp in ("gelu", "gelu_tanh", "swiglu", "geglu", "relu2"), f"unknown mlp {self.mlp!r} (gelu, gelu_tanh, swiglu, geglu, relu2)")
+        need(
+            self.pos in ("learned", "sinusoidal", "rope", "none"),
+            f"unknown pos {self.pos!r} (learned, sinusoidal, rope, none)",
+        )
+        need(
+            self.mlp in ("gelu", "gelu_tanh", "swiglu", "geglu", "relu2"),
+            f"unknown mlp {self.mlp!r} (gelu, gelu_tanh, swiglu, geglu, relu2)",
+        )
         need(self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
@@ -98,14 +111,33 @@ class ModelConfig:
         need(self.moe_experts >= 0, "moe_experts must be >= 0 (0 = dense)")
         if self.moe_experts == 0:
             defaults = ModelConfig()
-            changed = [f.name for f in fields(self) if f.name.startswith("moe_") and getattr(self, f.name) != getattr(defaults, f.name)]
-            need(not changed, f"{', '.join(changed)} set but moe_experts is 0 (a dense model); set moe_experts to use experts")
+            changed = [
+                f.name
+                for f in fields(self)
+                if f.name.startswith("moe_") and getattr(self, f.name) != getattr(defaults, f.name)
+            ]
+            need(
+                not changed,
+                f"{', '.join(changed)} set but moe_experts is 0 (a dense model); set moe_experts to use experts",
+            )
             return
-        need(1 <= self.moe_top_k <= self.moe_experts, f"moe_top_k ({self.moe_top_k}) must be between 1 and moe_experts ({self.moe_experts})")
+        need(
+            1 <= self.moe_top_k <= self.moe_experts,
+            f"moe_top_k ({self.moe_top_k}) must be between 1 and moe_experts ({self.moe_experts})",
+        )
         need(self.expert_dim > 0, "moe_d_ff must be positive")
-        need(1 <= self.moe_every <= self.n_layer, f"moe_every ({self.moe_every}) must be between 1 and n_layer ({self.n_layer})")
-        need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor must be positive (or none for no limit)")
-        need(self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0, "moe_aux_loss_coef and moe_z_loss_coef must be >= 0")
+        need(
+            1 <= self.moe_every <= self.n_layer,
+            f"moe_every ({self.moe_every}) must be between 1 and n_layer ({self.n_layer})",
+        )
+        need(
+            self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+            "moe_capacity_factor must be positive (or none for no limit)",
+        )
+        need(
+            self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0,
+            "moe_aux_loss_coef and moe_z_loss_coef must be >= 0",
+        )
         need(0.0 <= self.moe_jitter < 1.0, "moe_jitter must be in [0, 1)")
 
 
@@ -140,17 +172,30 @@ class Seq2SeqConfig:
             if not cond:
                 raise LmforgeError(f"invalid model config: {msg}")
 
-        for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer", "n_head", "d_model", "ff_dim"):
+        for name in (
+            "src_vocab_size",
+            "tgt_vocab_size",
+            "max_len",
+            "n_encoder_layer",
+            "n_decoder_layer",
+            "n_head",
+            "d_model",
+            "ff_dim",
+        ):
             need(getattr(self, name) > 0, f"{name} must be positive")
         need(self.max_len >= 2, "max_len must be at least 2 (a target needs its begin and end tokens)")
         need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        need(not self.shared_vocab or self.src_vocab_size == self.tgt_vocab_size,
-             f"a shared vocabulary needs src_vocab_size == tgt_vocab_size (got {self.src_vocab_size} and {self.tgt_vocab_size})")
+        need(
+            not self.shared_vocab or self.src_vocab_size == self.tgt_vocab_size,
+            f"a shared vocabulary needs src_vocab_size == tgt_vocab_size (got {self.src_vocab_size} and {self.tgt_vocab_size})",
+        )
         need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r} (layernorm, rmsnorm)")
         need(self.norm_position in ("post", "pre"), f"unknown norm_position {self.norm_position!r} (post, pre)")
         need(self.pos in ("sinusoidal", "learned"), f"unknown pos {self.pos!r} (sinusoidal, learned)")
-        need(self.mlp in ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "relu2"),
-             f"unknown mlp {self.mlp!r} (relu, gelu, gelu_tanh, swiglu, geglu, relu2)")
+        need(
+            self.mlp in ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "relu2"),
+            f"unknown mlp {self.mlp!r} (relu, gelu, gelu_tanh, swiglu, geglu, relu2)",
+        )
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
 
 
@@ -180,7 +225,9 @@ class TrainConfig:
     log_interval: int = 10
     sample_tokens: int = 120  # length of the sample printed at each evaluation (0 = none)
     sample_prompt: str = ""
-    tokenizer_vocab_size: int = 4096  # tokenizer size when lmforge trains one for the run (the model vocabulary follows it)
+    tokenizer_vocab_size: int = (
+        4096  # tokenizer size when lmforge trains one for the run (the model vocabulary follows it)
+    )
     split_digits: bool = False  # when lmforge trains the tokenizer: every digit a token of its own
     val_fraction: float = 0.01
     seed: int = 1337
@@ -190,7 +237,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)
+    precision: str = (
+        "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)
+    )
     compile: bool = False  # torch.compile the model for training and evaluation
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     parallel: str = "ddp"  # ddp | fsdp, used under torchrun with more than one process
@@ -213,9 +262,15 @@ class TrainConfig:
         need(self.eval_batches > 0, "eval_batches must be positive")
         need(0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
         need(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
-        need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), f"unknown device {self.device!r}")
+        need(
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            f"unknown device {self.device!r}",
+        )
         need(self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r} (adamw, muon)")
-        need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r} (auto, fp32, bf16, fp16)")
+        need(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            f"unknown precision {self.precision!r} (auto, fp32, bf16, fp16)",
+        )
         need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r} (ddp, fsdp)")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
@@ -238,17 +293,22 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, family: str = "decoder") -> "Config":
+    def from_dict(cls, d: dict, family: str = "decoder") -> Config:
         unknown = set(d) - {"model", "train"}
         if unknown:
             raise LmforgeError(f"unknown config section(s): {', '.join(sorted(unknown))} (expected model, train)")
-        return cls(model=_build(FAMILIES[family], d.get("model", {}), "model"), train=_build(TrainConfig, d.get("train", {}), "train"))
+        return cls(
+            model=_build(FAMILIES[family], d.get("model", {}), "model"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+        )
 
 
 # --- presets --------------------------------------------------------------------------------------
 
 _GPT2 = dict(norm="layernorm", pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=True)
-_LLAMA = dict(norm="rmsnorm", norm_eps=1e-5, pos="rope", rope_theta=10000.0, mlp="swiglu", bias=False, tie_embeddings=False)
+_LLAMA = dict(
+    norm="rmsnorm", norm_eps=1e-5, pos="rope", rope_theta=10000.0, mlp="swiglu", bias=False, tie_embeddings=False
+)
 
 # name -> (description, model fields, train fields)
 PRESETS: dict[str, tuple[str, dict, dict]] = {
@@ -257,8 +317,20 @@ PRESETS: dict[str, tuple[str, dict, dict]] = {
         dict(_GPT2, n_layer=4, n_head=4, d_model=192, block_size=256, vocab_size=4096),
         dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
     ),
-    "gpt2": ("GPT-2 small (124M)", dict(_GPT2, n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50304), dict(lr=6e-4, batch_size=8, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=50257)),
-    "gpt2-medium": ("GPT-2 medium (350M)", dict(_GPT2, n_layer=24, n_head=16, d_model=1024, block_size=1024, vocab_size=50304), dict(lr=3e-4, batch_size=4, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=50257)),
+    "gpt2": (
+        "GPT-2 small (124M)",
+        dict(_GPT2, n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50304),
+        dict(
+            lr=6e-4, batch_size=8, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=50257
+        ),
+    ),
+    "gpt2-medium": (
+        "GPT-2 medium (350M)",
+        dict(_GPT2, n_layer=24, n_head=16, d_model=1024, block_size=1024, vocab_size=50304),
+        dict(
+            lr=3e-4, batch_size=4, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=50257
+        ),
+    ),
     "llama-tiny": (
         "Llama style (RoPE, RMSNorm, SwiGLU, GQA), CPU-sized",
         dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=192, d_ff=512, block_size=256, vocab_size=4096),
@@ -266,14 +338,28 @@ PRESETS: dict[str, tuple[str, dict, dict]] = {
     ),
     "moe-tiny": (
         "llama-tiny with 8 experts (top-2) in every layer: same active compute as llama-tiny, ~2x its parameters",
-        dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=192, d_ff=512, moe_experts=8, moe_top_k=2, moe_d_ff=256,
-             moe_capacity_factor=1.25, block_size=256, vocab_size=4096),
+        dict(
+            _LLAMA,
+            n_layer=4,
+            n_head=4,
+            n_kv_head=2,
+            d_model=192,
+            d_ff=512,
+            moe_experts=8,
+            moe_top_k=2,
+            moe_d_ff=256,
+            moe_capacity_factor=1.25,
+            block_size=256,
+            vocab_size=4096,
+        ),
         dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
     ),
     "llama-small": (
         "Llama style (RoPE, RMSNorm, SwiGLU, GQA), GPT-2 small sized",
         dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, block_size=1024, vocab_size=32768),
-        dict(lr=6e-4, batch_size=8, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=32768),
+        dict(
+            lr=6e-4, batch_size=8, tokens_per_step=524288, warmup_steps=700, max_steps=19073, tokenizer_vocab_size=32768
+        ),
     ),
 }
 
@@ -282,16 +368,47 @@ PRESETS: dict[str, tuple[str, dict, dict]] = {
 SEQ2SEQ_PRESETS: dict[str, tuple[str, dict, dict]] = {
     "seq2seq-tiny": (
         "encoder–decoder, CPU-sized: the seq2seq default, learns a demo task in a few minutes on 2 cores",
-        dict(n_encoder_layer=3, n_decoder_layer=3, n_head=4, d_model=128, d_ff=512, max_len=64, dropout=0.0, src_vocab_size=1024,
-             tgt_vocab_size=1024),
-        dict(batch_size=64, lr=2e-3, warmup_steps=100, beta2=0.98, weight_decay=0.01, eval_interval=200, eval_batches=8,
-             log_interval=20, tokenizer_vocab_size=1024, split_digits=True, val_fraction=0.02, max_time=240),
+        dict(
+            n_encoder_layer=3,
+            n_decoder_layer=3,
+            n_head=4,
+            d_model=128,
+            d_ff=512,
+            max_len=64,
+            dropout=0.0,
+            src_vocab_size=1024,
+            tgt_vocab_size=1024,
+        ),
+        dict(
+            batch_size=64,
+            lr=2e-3,
+            warmup_steps=100,
+            beta2=0.98,
+            weight_decay=0.01,
+            eval_interval=200,
+            eval_batches=8,
+            log_interval=20,
+            tokenizer_vocab_size=1024,
+            split_digits=True,
+            val_fraction=0.02,
+            max_time=240,
+        ),
     ),
     "transformer-base": (
         "the base model of Attention Is All You Need (6+6 layers, d_model 512, shared 37k vocabulary)",
         dict(n_encoder_layer=6, n_decoder_layer=6, n_head=8, d_model=512, d_ff=2048, max_len=256, dropout=0.1),
-        dict(batch_size=64, tokens_per_step=25000, lr=7e-4, warmup_steps=4000, beta1=0.9, beta2=0.98, weight_decay=0.0,
-             label_smoothing=0.1, max_steps=100000, tokenizer_vocab_size=37000),
+        dict(
+            batch_size=64,
+            tokens_per_step=25000,
+            lr=7e-4,
+            warmup_steps=4000,
+            beta1=0.9,
+            beta2=0.98,
+            weight_decay=0.0,
+            label_smoothing=0.1,
+            max_steps=100000,
+            tokenizer_vocab_size=37000,
+        ),
     ),
 }
 
@@ -392,7 +509,11 @@ def _convert(value, hint, name):
     """Convert `value` (from TOML, JSON or a CLI string) to the type `hint`, or raise a clear error."""
     args = typing.get_args(hint)
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and (typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    base = (
+        next((a for a in args if a is not type(None)), hint)
+        if args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
+        else hint
+    )
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -437,3 +558,7 @@ def _convert(value, hint, name):
         tname = getattr(base, "__name__", str(base))
         raise LmforgeError(f"config value {name} must be {tname}, got {value!r}") from None
     return value
+
+
+def round_up(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple

@@ -1,11 +1,11 @@
 """Run directories: a self-contained folder with everything needed to use a trained model.
 
-    runs/NAME/config.json        model family ("decoder" or "seq2seq") + model and training configuration
-    runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format); for seq2seq the target one
-    runs/NAME/source_tokenizer.json   seq2seq only, when source and target vocabularies are separate
-    runs/NAME/model.safetensors  weights
-    runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
-    runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
+runs/NAME/config.json        model family ("decoder" or "seq2seq") + model and training configuration
+runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format); for seq2seq the target one
+runs/NAME/source_tokenizer.json   seq2seq only, when source and target vocabularies are separate
+runs/NAME/model.safetensors  weights
+runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
+runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import FAMILIES, Config
+from .data.tokenizer import Tokenizer
 from .errors import LmforgeError
 from .io import atomic_path, write_json_atomic
 from .models import build_model
-from .tokenizer import Tokenizer
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -91,11 +91,15 @@ def load_weights(path: Path, model) -> dict:
     expected = set(weights_for_saving(model))
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:
-        raise LmforgeError(f"weights in {path} do not match the model config (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})")
+        raise LmforgeError(
+            f"weights in {path} do not match the model config (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
+        )
     for k, v in sd.items():
         want = model.state_dict()[k].shape
         if v.shape != want:
-            raise LmforgeError(f"weights in {path} do not match the model config: {k} has shape {tuple(v.shape)}, expected {tuple(want)}")
+            raise LmforgeError(
+                f"weights in {path} do not match the model config: {k} has shape {tuple(v.shape)}, expected {tuple(want)}"
+            )
     model.load_state_dict(sd, strict=False)
     return meta
 
@@ -120,12 +124,17 @@ def load_tokenizer(run_dir: Path) -> Tokenizer:
 
 def load_pair_tokenizer(run_dir: Path, model_cfg):
     """The source/target tokenizers of a seq2seq run, checked against the model's vocabulary sizes."""
-    from .pairs import PairTokenizer
+    from .data.pairs import PairTokenizer
 
     tok = PairTokenizer.load(run_dir, model_cfg.shared_vocab)
-    for side, t, size in (("source", tok.source, model_cfg.src_vocab_size), ("target", tok.target, model_cfg.tgt_vocab_size)):
+    for side, t, size in (
+        ("source", tok.source, model_cfg.src_vocab_size),
+        ("target", tok.target, model_cfg.tgt_vocab_size),
+    ):
         if t.vocab_size > size:
-            raise LmforgeError(f"{side} tokenizer in {run_dir} has {t.vocab_size} tokens but the model's {side} vocabulary is {size}")
+            raise LmforgeError(
+                f"{side} tokenizer in {run_dir} has {t.vocab_size} tokens but the model's {side} vocabulary is {size}"
+            )
     return tok
 
 
@@ -140,7 +149,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
     else:
         tokenizer = load_tokenizer(run_dir)
         if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise LmforgeError(f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}")
+            raise LmforgeError(
+                f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}"
+            )
     model = build_model(cfg.model)
     load_weights(run_dir / WEIGHTS, model)
     model.to(device).eval()

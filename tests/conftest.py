@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.tokenizer import Tokenizer
+from lmforge.data.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
 
@@ -37,9 +37,34 @@ def small_tokenizer(corpus_dir) -> Tokenizer:
     return Tokenizer.train(texts, 320)
 
 
-TINY_ARGS = ["--n_layer", "2", "--n_head", "2", "--d_model", "64", "--block_size", "64", "--batch_size", "8",
-             "--tokenizer_vocab_size", "320", "--eval_interval", "20", "--eval_batches", "2", "--sample_tokens", "16",
-             "--warmup_steps", "5", "--log_interval", "5", "--device", "cpu", "--precision", "fp32"]
+TINY_ARGS = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--d_model",
+    "64",
+    "--block_size",
+    "64",
+    "--batch_size",
+    "8",
+    "--tokenizer_vocab_size",
+    "320",
+    "--eval_interval",
+    "20",
+    "--eval_batches",
+    "2",
+    "--sample_tokens",
+    "16",
+    "--warmup_steps",
+    "5",
+    "--log_interval",
+    "5",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="session")

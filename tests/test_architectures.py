@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lmforge.config import Config, ModelConfig, TrainConfig
-from lmforge.generation import generate_tokens
+from lmforge.inference.engine import generate_tokens
 from lmforge.models import build_model
-from lmforge.training import train
+from lmforge.train.loop import train
 
 # Each option of each axis appears at least once; a few combine the unusual ones.
 COMBOS = {
@@ -16,13 +16,35 @@ COMBOS = {
     "sinusoidal-relu2-nobias-ln": dict(pos="sinusoidal", mlp="relu2", bias=False, norm_bias=False),
     "nopos-gelu-exact": dict(pos="none", mlp="gelu"),
     "window-softcaps": dict(pos="rope", sliding_window=6, attn_softcap=20.0, logit_softcap=15.0),
-    "rope-ntk-window-gqa": dict(pos="rope", rope_scaling={"type": "ntk", "factor": 2.0}, sliding_window=5, n_kv_head=2, norm="rmsnorm"),
-    "rope-linear-learned-eps": dict(pos="rope", rope_scaling={"type": "linear", "factor": 4.0}, norm_eps=1e-6, dropout=0.1),
-    "moe-llama-capacity": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, bias=False, moe_experts=4, moe_top_k=2,
-                               moe_d_ff=24, moe_capacity_factor=1.0),
-    "moe-gpt2-every2-shared-top1": dict(moe_experts=3, moe_top_k=1, moe_every=2, moe_shared_expert=True, moe_renormalize=False,
-                                        moe_jitter=0.1, moe_capacity_factor=0.5),
-    "moe-window-geglu-top3": dict(pos="rope", sliding_window=6, mlp="geglu", moe_experts=5, moe_top_k=3, moe_z_loss_coef=0.0),
+    "rope-ntk-window-gqa": dict(
+        pos="rope", rope_scaling={"type": "ntk", "factor": 2.0}, sliding_window=5, n_kv_head=2, norm="rmsnorm"
+    ),
+    "rope-linear-learned-eps": dict(
+        pos="rope", rope_scaling={"type": "linear", "factor": 4.0}, norm_eps=1e-6, dropout=0.1
+    ),
+    "moe-llama-capacity": dict(
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        n_kv_head=2,
+        bias=False,
+        moe_experts=4,
+        moe_top_k=2,
+        moe_d_ff=24,
+        moe_capacity_factor=1.0,
+    ),
+    "moe-gpt2-every2-shared-top1": dict(
+        moe_experts=3,
+        moe_top_k=1,
+        moe_every=2,
+        moe_shared_expert=True,
+        moe_renormalize=False,
+        moe_jitter=0.1,
+        moe_capacity_factor=0.5,
+    ),
+    "moe-window-geglu-top3": dict(
+        pos="rope", sliding_window=6, mlp="geglu", moe_experts=5, moe_top_k=3, moe_z_loss_coef=0.0
+    ),
 }
 
 
@@ -41,20 +63,32 @@ def test_cached_generation_equals_recomputation(name):
     with torch.no_grad():
         for _ in range(40):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert cached == seq[len(prompt):]
+    assert cached == seq[len(prompt) :]
     x = torch.randint(0, 97, (2, 50))
     with torch.no_grad():
         full = model(x)
         cache = model.new_cache(2, 50)
-        steps = [model(x[:, :7], cache)] + [model(x[:, t: t + 1], cache) for t in range(7, 50)]
+        steps = [model(x[:, :7], cache)] + [model(x[:, t : t + 1], cache) for t in range(7, 50)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(COMBOS))
 def test_trains_a_few_steps(name, tmp_path, corpus_dir):
     model_kw = dict(n_layer=2, n_head=4, d_model=32, d_ff=48, block_size=32, **COMBOS[name])
-    cfg = Config(model=ModelConfig(**model_kw), train=TrainConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=100,
-                                                                 eval_batches=1, sample_tokens=4, tokenizer_vocab_size=320, device="cpu", precision="fp32"))
+    cfg = Config(
+        model=ModelConfig(**model_kw),
+        train=TrainConfig(
+            batch_size=4,
+            max_steps=6,
+            warmup_steps=2,
+            eval_interval=100,
+            eval_batches=1,
+            sample_tokens=4,
+            tokenizer_vocab_size=320,
+            device="cpu",
+            precision="fp32",
+        ),
+    )
     res = train(cfg, tmp_path / "run", data=corpus_dir, cache_root=tmp_path / "cache", log=lambda *_: None)
     assert res.step == 6 and torch.isfinite(torch.tensor(res.final["val_loss"]))
 
@@ -70,7 +104,7 @@ def test_sliding_window_ring_buffer_far_past_the_window():
     seq = prompt + out
     with torch.no_grad():
         logits = model(torch.tensor([seq[:-1]]))  # full recomputation with the windowed mask
-    assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == out
+    assert logits[0, len(prompt) - 1 :].argmax(-1).tolist() == out
 
 
 def test_window_really_limits_attention():
@@ -82,5 +116,5 @@ def test_window_really_limits_attention():
     with torch.no_grad():
         a, b = model(x), model(x2)
     # with 2 layers information travels at most 2 * (W - 1) positions
-    assert torch.equal(a[0, 10 + 2 * (W - 1) + 1:], b[0, 10 + 2 * (W - 1) + 1:])
+    assert torch.equal(a[0, 10 + 2 * (W - 1) + 1 :], b[0, 10 + 2 * (W - 1) + 1 :])
     assert not torch.equal(a[0, 10:13], b[0, 10:13])

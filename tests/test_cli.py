@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-
-from lmforge.data import read_shard
 from conftest import TINY_ARGS, run_cli
+
+from lmforge.data.shards import read_shard
 
 
 def test_tokenizer_prepare_train_generate_eval(tmp_path, capsys, corpus_dir):
@@ -21,7 +21,13 @@ def test_tokenizer_prepare_train_generate_eval(tmp_path, capsys, corpus_dir):
     code, out, err = run_cli(capsys, "train", shards, "--out", run, "--max-steps", 12, *TINY_ARGS)
     assert code == 0, err
     assert "eval step 12" in out and "sample:" in out
-    for f in ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "checkpoints/step_0000012/trainer_state.pt"):
+    for f in (
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "metrics.jsonl",
+        "checkpoints/step_0000012/trainer_state.pt",
+    ):
         assert (run / f).is_file(), f
     code, out, err = run_cli(capsys, "generate", run, "--prompt", "3: the cat", "--max-new-tokens", 20, "--seed", 1)
     assert code == 0 and out.startswith("3: the cat"), err
@@ -34,7 +40,7 @@ def test_tokenizer_prepare_train_generate_eval(tmp_path, capsys, corpus_dir):
 
 def test_train_default_corpus_path_is_used(tmp_path, capsys, monkeypatch, corpus_dir):
     """With no DATA, train uses the standard library (here a 1-step run with a small tokenizer)."""
-    import lmforge.data as data
+    import lmforge.data.corpus as data
 
     small = sorted(data.stdlib_files(), key=lambda p: p.stat().st_size)[:40]
     monkeypatch.setattr(data, "stdlib_files", lambda: small)
@@ -44,14 +50,21 @@ def test_train_default_corpus_path_is_used(tmp_path, capsys, monkeypatch, corpus
 
 
 def test_generate_prompt_too_long_is_truncated(tiny_run, capsys):
-    code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "the cat sees the moon. " * 80, "--max-new-tokens", 5, "--greedy")
+    code, out, err = run_cli(
+        capsys, "generate", tiny_run, "--prompt", "the cat sees the moon. " * 80, "--max-new-tokens", 5, "--greedy"
+    )
     assert code == 0
     assert "warning: prompt" in err
 
 
 def test_generate_interactive(tiny_run):
-    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "generate", str(tiny_run), "--max-new-tokens", "5", "--greedy"],
-                       input="1: a dog\n", capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "generate", str(tiny_run), "--max-new-tokens", "5", "--greedy"],
+        input="1: a dog\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("> 1: a dog")
 
@@ -136,8 +149,13 @@ def test_corrupt_run_directories(tmp_path, capsys, tiny_run):
     bad_state = _copy_run(tiny_run, tmp_path / "badstate")
     for ckpt in (bad_state / "checkpoints").glob("step_*"):
         (ckpt / "trainer_state.pt").write_bytes(b"garbage")
-    for run, expected in [(truncated, "corrupt"), (garbage_cfg, "corrupt"), (no_tok, "not found"), (bad_tok, "cannot read tokenizer"),
-                          (small_vocab, "has 320 tokens but the model")]:
+    for run, expected in [
+        (truncated, "corrupt"),
+        (garbage_cfg, "corrupt"),
+        (no_tok, "not found"),
+        (bad_tok, "cannot read tokenizer"),
+        (small_vocab, "has 320 tokens but the model"),
+    ]:
         code, _, err = run_cli(capsys, "generate", run, "--prompt", "x")
         assert code != 0 and expected in one_error_line(err), (run, err)
     code, _, err = run_cli(capsys, "train", "--resume", bad_state)

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.generation import (Engine, Request, SamplingParams, apply_penalties, generate, generate_batch, generate_stream,
-                                generate_tokens, sample_next_token)
+from lmforge.inference.engine import Engine, Request, generate, generate_batch, generate_stream, generate_tokens
+from lmforge.inference.quantize import pack_for_inference
+from lmforge.inference.sampling import SamplingParams, apply_penalties, sample_next_token
 from lmforge.models import build_model
-from lmforge.packing import pack_for_inference
 from lmforge.runs import load
 
 CONFIGS = {
@@ -41,7 +41,7 @@ def test_left_padded_and_ragged_cache_match_full_forward(name):
     model = tiny_model(**CONFIGS[name])
     g = torch.Generator().manual_seed(1)
     conts = [torch.randint(0, 97, (12,), generator=g).tolist() for _ in PROMPTS]
-    ref = [model(torch.tensor([p + c]))[0, len(p) - 1:] for p, c in zip(PROMPTS, conts)]
+    ref = [model(torch.tensor([p + c]))[0, len(p) - 1 :] for p, c in zip(PROMPTS, conts)]
 
     # all prompts in one left-padded forward, then one token per row per step
     T = max(map(len, PROMPTS))
@@ -70,7 +70,13 @@ def test_batched_generation_equals_one_by_one(name):
     assert [c.token_ids for c in together] == one
     # two rows at a time with different limits: rows finish on their own and queued prompts join the running batch
     limits = [20, 5, 13, 20, 9]
-    staggered = generate_batch(model, None, PROMPTS, [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in limits], max_batch=2)
+    staggered = generate_batch(
+        model,
+        None,
+        PROMPTS,
+        [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in limits],
+        max_batch=2,
+    )
     assert [c.token_ids for c in staggered] == [o[:n] for o, n in zip(one, limits)]
     assert all(c.finish_reason == "length" for c in staggered)
 
@@ -82,7 +88,9 @@ def test_end_of_text_stops_only_its_own_row():
     eos = free[j][k]  # a token prompt j's continuation reaches after k others
     engine = Engine(model, None, max_batch=len(PROMPTS), eos_id=eos)
     results = {}
-    for out in engine.run([Request(p, SamplingParams(max_new_tokens=12, temperature=0.0), i) for i, p in enumerate(PROMPTS)]):
+    for out in engine.run(
+        [Request(p, SamplingParams(max_new_tokens=12, temperature=0.0), i) for i, p in enumerate(PROMPTS)]
+    ):
         results.setdefault(out.request_id, []).extend(out.token_ids)
     for i, toks in results.items():
         expected = free[i][: free[i].index(eos)] if eos in free[i] else free[i]
@@ -95,12 +103,21 @@ def test_end_of_text_stops_only_its_own_row():
 def test_stop_strings(run_model):
     model, tok = run_model
     prompt = "3: the cat"
-    free = generate_batch(model, tok, [prompt], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True))[0].text
+    free = generate_batch(model, tok, [prompt], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True))[
+        0
+    ].text
     stop = free.strip()[3:6]  # a piece of the continuation, not at its start
     cut = free.index(stop)
     assert cut > 0
-    got = generate_batch(model, tok, [prompt, prompt], [SamplingParams(max_new_tokens=30, temperature=0.0, stop=[stop], ignore_eos=True),
-                                                         SamplingParams(max_new_tokens=30, temperature=0.0, stop=["never there"], ignore_eos=True)])
+    got = generate_batch(
+        model,
+        tok,
+        [prompt, prompt],
+        [
+            SamplingParams(max_new_tokens=30, temperature=0.0, stop=[stop], ignore_eos=True),
+            SamplingParams(max_new_tokens=30, temperature=0.0, stop=["never there"], ignore_eos=True),
+        ],
+    )
     assert got[0].text == free[:cut] and got[0].finish_reason == "stop"
     assert got[1].text == free and got[1].finish_reason == "length"
     pieces = list(generate_stream(model, tok, prompt, 30, temperature=0.0, stop=[stop], ignore_eos=True))
@@ -116,7 +133,10 @@ def test_seeded_sampling_is_reproducible(run_model):
     alone = generate_batch(model, tok, [prompts[1]], params)[0]
     assert [c.text for c in a] == [c.text for c in b]
     assert a[1].text == alone.text  # a seeded row does not depend on what it is batched with
-    others = {generate_batch(model, tok, [prompts[0]], SamplingParams(max_new_tokens=25, temperature=1.0, seed=s))[0].text for s in range(6)}
+    others = {
+        generate_batch(model, tok, [prompts[0]], SamplingParams(max_new_tokens=25, temperature=1.0, seed=s))[0].text
+        for s in range(6)
+    }
     assert len(others) > 1
 
 
@@ -124,7 +144,9 @@ def test_streaming_concatenates_to_the_full_text(run_model):
     model, tok = run_model
     for seed in (1, 2):
         pieces = list(generate_stream(model, tok, "7: the robot", 40, temperature=1.0, seed=seed))
-        full = generate_batch(model, tok, ["7: the robot"], SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed))[0]
+        full = generate_batch(
+            model, tok, ["7: the robot"], SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed)
+        )[0]
         assert "".join(pieces) == full.text and len(pieces) > 1
         assert generate(model, tok, "7: the robot", 40, temperature=1.0, seed=seed) == "7: the robot" + full.text
 
@@ -145,7 +167,9 @@ def test_sampling_filters_per_row():
     g = torch.Generator().manual_seed(0)
     seen = [set() for _ in range(3)]
     for _ in range(300):
-        ids = sample_next_token(logits, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([2, 0, 0]), None, g, min_p=torch.tensor([0.0, 0.3, 0.0]))
+        ids = sample_next_token(
+            logits, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([2, 0, 0]), None, g, min_p=torch.tensor([0.0, 0.3, 0.0])
+        )
         for s, i in zip(seen, ids.tolist()):
             s.add(i)
     assert seen[0] == {3, 4}  # top-k 2
@@ -173,7 +197,9 @@ def test_penalties():
 def test_logprobs_of_chosen_and_top_tokens():
     model = tiny_model()
     prompt = [5, 6, 7]
-    res = generate_batch(model, None, [prompt], SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, logprobs=3, ignore_eos=True))[0]
+    res = generate_batch(
+        model, None, [prompt], SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, logprobs=3, ignore_eos=True)
+    )[0]
     full = torch.log_softmax(model(torch.tensor([prompt + res.token_ids]))[0].float(), -1)
     assert len(res.logprobs) == 6
     for t, entry in enumerate(res.logprobs):
@@ -186,8 +212,12 @@ def test_logprobs_of_chosen_and_top_tokens():
 def test_cancel_frees_the_row_and_bad_requests_are_refused():
     model = tiny_model()
     engine = Engine(model, None, max_batch=2)
-    engine.add([Request([1, 2], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True), "a"),
-                Request([3], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True), "b")])
+    engine.add(
+        [
+            Request([1, 2], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True), "a"),
+            Request([3], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True), "b"),
+        ]
+    )
     engine.step()
     assert engine.free == 0
     assert engine.cancel("a") and engine.free == 1
@@ -203,7 +233,7 @@ def test_cancel_frees_the_row_and_bad_requests_are_refused():
     while engine.rows:
         rest += [t for out in engine.step() for t in out.token_ids]
     alone = list(generate_tokens(model, [3], 30, temperature=0.0, ignore_eos=True))
-    assert alone[-len(rest):] == rest
+    assert alone[-len(rest) :] == rest
 
 
 @pytest.mark.parametrize("quantize,tol", [("none", 1e-4), ("bf16", 0.2), ("int8", 0.3), ("int8-dynamic", 0.5)])
@@ -212,7 +242,8 @@ def test_packed_and_quantised_linears(quantize, tol):
     ref_model = tiny_model()
     model = pack_for_inference(tiny_model(), quantize)
     if quantize == "none":  # the toy model's layers are below the packing threshold: pack them anyway to test the path
-        from lmforge import packing
+        from lmforge.inference import quantize as packing
+
         model = tiny_model()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(packing, "PACK_MIN_WEIGHTS", 0)
@@ -223,7 +254,9 @@ def test_packed_and_quantised_linears(quantize, tol):
     assert (out - ref).abs().max() < tol
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
     if quantize == "none":
-        assert list(generate_tokens(model, [1, 2, 3], 20, temperature=0.0)) == list(generate_tokens(ref_model, [1, 2, 3], 20, temperature=0.0))
+        assert list(generate_tokens(model, [1, 2, 3], 20, temperature=0.0)) == list(
+            generate_tokens(ref_model, [1, 2, 3], 20, temperature=0.0)
+        )
 
 
 def test_unknown_quantization():
@@ -235,7 +268,13 @@ def test_unknown_quantization():
 def test_compiled_decode_step_matches_eager():
     model = tiny_model()
     eager = generate_batch(model, None, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
-    compiled = generate_batch(model, None, PROMPTS, [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 4, 12, 7, 12)],
-                              max_batch=3, compile=True)
+    compiled = generate_batch(
+        model,
+        None,
+        PROMPTS,
+        [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 4, 12, 7, 12)],
+        max_batch=3,
+        compile=True,
+    )
     assert [c.token_ids for c in compiled] == [e.token_ids[: len(c.token_ids)] for e, c in zip(eager, compiled)]
     assert [len(c.token_ids) for c in compiled] == [12, 4, 12, 7, 12]

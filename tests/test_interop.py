@@ -7,33 +7,68 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge import interop  # noqa: E402
-from lmforge.errors import LmforgeError  # noqa: E402
-from lmforge.generation import generate_tokens  # noqa: E402
-from lmforge.runs import load  # noqa: E402
-
 from conftest import run_cli  # noqa: E402
+
+from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.inference.engine import generate_tokens  # noqa: E402
+from lmforge.interop import hf as interop  # noqa: E402
+from lmforge.runs import load  # noqa: E402
 
 VOCAB = 384  # >= the test tokenizer's 320 tokens
 
 
 def gpt2_reference(**kw):
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.1,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def llama_reference(**kw):
-    args = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=64, initializer_range=0.1, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+    args = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     args.update(kw)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
 
 
 def mixtral_reference(**kw):
-    args = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1, rms_norm_eps=1e-5,
-                bos_token_id=0, eos_token_id=0)
+    args = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     args.update(kw)
     return transformers.MixtralForCausalLM(transformers.MixtralConfig(**args))
 
@@ -42,13 +77,30 @@ REFERENCES = {
     "gpt2": lambda: gpt2_reference(),
     "gpt2-untied-gelu": lambda: gpt2_reference(tie_word_embeddings=False, activation_function="gelu", n_inner=96),
     "llama-gqa": lambda: llama_reference(),
-    "llama-mqa-tied-bias": lambda: llama_reference(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
-    "llama-rope-linear": lambda: llama_reference(rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5000.0),
-    "llama-rope-llama3": lambda: llama_reference(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama-mqa-tied-bias": lambda: llama_reference(
+        num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
+    ),
+    "llama-rope-linear": lambda: llama_reference(
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5000.0
+    ),
+    "llama-rope-llama3": lambda: llama_reference(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    ),
     "mixtral": lambda: mixtral_reference(),
-    "mixtral-window-top3-tied": lambda: mixtral_reference(sliding_window=7, num_local_experts=6, num_experts_per_tok=3,
-                                                          num_key_value_heads=1, tie_word_embeddings=True, rope_theta=5000.0),
+    "mixtral-window-top3-tied": lambda: mixtral_reference(
+        sliding_window=7,
+        num_local_experts=6,
+        num_experts_per_tok=3,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        rope_theta=5000.0,
+    ),
 }
 
 
@@ -83,7 +135,7 @@ def test_logits_match_transformers(name, tmp_path, small_tokenizer):
     # step-by-step cached decoding agrees with the reference's full forward at every position
     cache = model.new_cache(3, 40)
     with torch.no_grad():
-        steps = [model(x[:, :8], cache)] + [model(x[:, t: t + 1], cache) for t in range(8, 40)]
+        steps = [model(x[:, :8], cache)] + [model(x[:, t : t + 1], cache) for t in range(8, 40)]
     assert (torch.cat(steps, 1) - want).abs().max().item() < 1e-4
 
     # greedy generation is identical token for token (reference uses its own cache)
@@ -106,7 +158,9 @@ def test_bin_weights_are_read_without_pickle(tmp_path, small_tokenizer):
         assert (model(x) - ref(x).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-rope-llama3", "llama-mqa-tied-bias", "mixtral", "mixtral-window-top3-tied"])
+@pytest.mark.parametrize(
+    "name", ["gpt2", "llama-rope-llama3", "llama-mqa-tied-bias", "mixtral", "mixtral-window-top3-tied"]
+)
 def test_round_trip_is_bit_identical(name, tmp_path, small_tokenizer):
     torch.manual_seed(0)
     save_reference(REFERENCES[name](), tmp_path / "hf", small_tokenizer)
@@ -137,8 +191,11 @@ def test_unsupported_models_give_clear_errors(tmp_path, small_tokenizer, capsys)
     g = save_reference(gpt2_reference(activation_function="relu"), tmp_path / "relu", small_tokenizer)
     with pytest.raises(LmforgeError, match="activation_function 'relu'"):
         interop.from_hf(g, tmp_path / "r2")
-    ll = save_reference(llama_reference(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
-                        tmp_path / "yarn", small_tokenizer)
+    ll = save_reference(
+        llama_reference(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
+        tmp_path / "yarn",
+        small_tokenizer,
+    )
     with pytest.raises(LmforgeError, match="rope scaling type 'yarn'"):
         interop.from_hf(ll, tmp_path / "r3")
     code, _, err = run_cli(capsys, "convert", "--from-hf", tmp_path / "missing", "--out", tmp_path / "r4")
@@ -162,7 +219,9 @@ def test_cli_convert_round_trip(tiny_run, tmp_path, capsys):
     assert code == 0, err
     code, out, err = run_cli(capsys, "convert", "--from-hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert code == 0, err
-    code, out, err = run_cli(capsys, "generate", tmp_path / "back", "--prompt", "1: the", "--max-new-tokens", 5, "--greedy")
+    code, out, err = run_cli(
+        capsys, "generate", tmp_path / "back", "--prompt", "1: the", "--max-new-tokens", 5, "--greedy"
+    )
     assert code == 0 and out.startswith("1: the")
 
 

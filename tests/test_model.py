@@ -1,7 +1,8 @@
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.generation import generate_tokens, sample_next_token
+from lmforge.inference.engine import generate_tokens
+from lmforge.inference.sampling import sample_next_token
 from lmforge.models import build_model
 
 
@@ -28,7 +29,7 @@ def test_cached_forward_equals_full():
     x = torch.randint(0, 97, (3, 30))
     full = model(x)
     cache = model.new_cache(3, 48)
-    parts = [model(x[:, :11], cache)] + [model(x[:, t: t + 1], cache) for t in range(11, 30)]
+    parts = [model(x[:, :11], cache)] + [model(x[:, t : t + 1], cache) for t in range(11, 30)]
     assert cache.pos == 30
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
 
@@ -41,7 +42,7 @@ def test_greedy_cached_generation_equals_recomputation():
     for _ in range(30):
         with torch.no_grad():
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert cached == seq[len(prompt):]
+    assert cached == seq[len(prompt) :]
 
 
 def test_parameter_count_and_tied_head():

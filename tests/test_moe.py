@@ -8,23 +8,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARGS, run_cli
+from test_training import unigram_entropy
 
-from lmforge import data
 from lmforge import config as C
 from lmforge.config import Config, ModelConfig, TrainConfig, preset
+from lmforge.data.shards import read_shard
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model, moe
 from lmforge.models.moe import MoE, plan_dispatch
-from lmforge.training import train
-
-from conftest import TINY_ARGS, run_cli
-from test_training import unigram_entropy
+from lmforge.train.loop import train
 
 
 def moe_layer(d=3, experts=3, k=2, **kw) -> MoE:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, d_model=d, mlp="swiglu", bias=False,
-                      moe_experts=experts, moe_top_k=k, moe_d_ff=8, **kw)
+    cfg = ModelConfig(
+        vocab_size=16,
+        block_size=16,
+        n_layer=1,
+        n_head=1,
+        d_model=d,
+        mlp="swiglu",
+        bias=False,
+        moe_experts=experts,
+        moe_top_k=k,
+        moe_d_ff=8,
+        **kw,
+    )
     return MoE(cfg)
 
 
@@ -44,9 +54,15 @@ def test_hand_set_router_sends_tokens_to_expected_experts_with_expected_gates():
     layer = moe_layer().eval()
     set_router(layer, torch.eye(3))  # logits = the token itself
     ln = math.log
-    x = torch.tensor([[[ln(5), ln(3), ln(2)],    # probs 0.5 0.3 0.2 -> experts 0, 1; gates 0.5/0.8, 0.3/0.8
-                       [ln(1), ln(6), ln(3)],    # probs 0.1 0.6 0.3 -> experts 1, 2; gates 0.6/0.9, 0.3/0.9
-                       [ln(7), ln(1), ln(2)]]])  # probs 0.7 0.1 0.2 -> experts 0, 2; gates 0.7/0.9, 0.2/0.9
+    x = torch.tensor(
+        [
+            [
+                [ln(5), ln(3), ln(2)],  # probs 0.5 0.3 0.2 -> experts 0, 1; gates 0.5/0.8, 0.3/0.8
+                [ln(1), ln(6), ln(3)],  # probs 0.1 0.6 0.3 -> experts 1, 2; gates 0.6/0.9, 0.3/0.9
+                [ln(7), ln(1), ln(2)],
+            ]
+        ]
+    )  # probs 0.7 0.1 0.2 -> experts 0, 2; gates 0.7/0.9, 0.2/0.9
     expected = [((0, 0.5 / 0.8), (1, 0.3 / 0.8)), ((1, 0.6 / 0.9), (2, 0.3 / 0.9)), ((0, 0.7 / 0.9), (2, 0.2 / 0.9))]
     with torch.no_grad():
         out = layer(x)
@@ -66,8 +82,7 @@ def test_hand_set_router_sends_tokens_to_expected_experts_with_expected_gates():
 
 def test_capacity_drops_the_hand_computed_assignments():
     # experts chosen by each (batch row b, position t), best first; E = 3, k = 2, capacity 2 per expert.
-    experts = torch.tensor([[[0, 1], [0, 2], [1, 0]],
-                            [[0, 2], [2, 1], [0, 1]]])
+    experts = torch.tensor([[[0, 1], [0, 2], [1, 0]], [[0, 2], [2, 1], [0, 1]]])
     # Priority: earlier position, then first choice before second, then batch row:
     #   t0: (b0,j0) e0 keep, (b1,j0) e0 keep, (b0,j1) e1 keep, (b1,j1) e2 keep
     #   t1: (b0,j0) e0 DROP (e0 full), (b1,j0) e2 keep, (b0,j1) e2 DROP, (b1,j1) e1 keep
@@ -152,8 +167,17 @@ def test_load_balancing_and_z_loss_match_hand_computation():
 
 
 def test_model_aux_losses_average_layers_with_their_coefficients():
-    cfg = ModelConfig(vocab_size=32, block_size=16, n_layer=4, n_head=2, d_model=16, moe_experts=4, moe_every=2,
-                      moe_aux_loss_coef=0.03, moe_z_loss_coef=0.002)
+    cfg = ModelConfig(
+        vocab_size=32,
+        block_size=16,
+        n_layer=4,
+        n_head=2,
+        d_model=16,
+        moe_experts=4,
+        moe_every=2,
+        moe_aux_loss_coef=0.03,
+        moe_z_loss_coef=0.002,
+    )
     model = build_model(cfg)
     assert list(moe.moe_layers(model)) == ["blocks.1", "blocks.3"]
     assert moe.aux_losses(model) == {}  # nothing before a forward
@@ -219,10 +243,24 @@ def test_shared_expert_is_always_on():
 
 
 def test_dense_models_unchanged_and_param_counts():
-    dense = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, mlp="swiglu", d_ff=32, bias=False)
+    dense = ModelConfig(
+        vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, mlp="swiglu", d_ff=32, bias=False
+    )
     assert not any("router" in k or "experts" in k for k in build_model(dense).state_dict())
-    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, mlp="swiglu", d_ff=32, bias=False,
-                      moe_experts=4, moe_top_k=2, moe_d_ff=24, moe_every=2)
+    cfg = ModelConfig(
+        vocab_size=64,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        d_model=16,
+        mlp="swiglu",
+        d_ff=32,
+        bias=False,
+        moe_experts=4,
+        moe_top_k=2,
+        moe_d_ff=24,
+        moe_every=2,
+    )
     model = build_model(cfg)
     expert = 3 * 16 * 24
     assert isinstance(model.blocks[1].mlp, MoE) and not isinstance(model.blocks[0].mlp, MoE)
@@ -233,16 +271,19 @@ def test_dense_models_unchanged_and_param_counts():
     assert d_model.num_active_params() == d_model.num_params()
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(moe_experts=-1), "moe_experts must be >= 0"),
-    (dict(moe_experts=4, moe_top_k=5), "moe_top_k (5) must be between 1 and moe_experts (4)"),
-    (dict(moe_experts=4, moe_every=3), "moe_every (3) must be between 1 and n_layer (2)"),
-    (dict(moe_experts=4, moe_capacity_factor=0.0), "moe_capacity_factor must be positive"),
-    (dict(moe_experts=4, moe_d_ff=0), "moe_d_ff must be positive"),
-    (dict(moe_experts=4, moe_z_loss_coef=-1.0), "must be >= 0"),
-    (dict(moe_experts=4, moe_jitter=1.0), "moe_jitter must be in [0, 1)"),
-    (dict(moe_top_k=1, moe_capacity_factor=2.0), "moe_top_k, moe_capacity_factor set but moe_experts is 0"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(moe_experts=-1), "moe_experts must be >= 0"),
+        (dict(moe_experts=4, moe_top_k=5), "moe_top_k (5) must be between 1 and moe_experts (4)"),
+        (dict(moe_experts=4, moe_every=3), "moe_every (3) must be between 1 and n_layer (2)"),
+        (dict(moe_experts=4, moe_capacity_factor=0.0), "moe_capacity_factor must be positive"),
+        (dict(moe_experts=4, moe_d_ff=0), "moe_d_ff must be positive"),
+        (dict(moe_experts=4, moe_z_loss_coef=-1.0), "must be >= 0"),
+        (dict(moe_experts=4, moe_jitter=1.0), "moe_jitter must be in [0, 1)"),
+        (dict(moe_top_k=1, moe_capacity_factor=2.0), "moe_top_k, moe_capacity_factor set but moe_experts is 0"),
+    ],
+)
 def test_config_validation(kw, msg):
     with pytest.raises(LmforgeError, match=f"invalid model config: .*{__import__('re').escape(msg)}"):
         ModelConfig(n_layer=2, **kw).validate()
@@ -263,13 +304,38 @@ def test_presets_list_total_and_active_params(capsys):
 
 
 def test_tiny_moe_model_learns(tmp_path, corpus_dir):
-    model = ModelConfig(n_layer=2, n_head=2, d_model=64, block_size=64, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False,
-                        moe_experts=4, moe_top_k=2, moe_d_ff=96, moe_capacity_factor=1.5)
-    cfg = Config(model=model, train=TrainConfig(batch_size=8, lr=3e-3, warmup_steps=5, eval_interval=1000, eval_batches=4, sample_tokens=0,
-                                                tokenizer_vocab_size=320, log_interval=10, device="cpu", max_steps=150))
+    model = ModelConfig(
+        n_layer=2,
+        n_head=2,
+        d_model=64,
+        block_size=64,
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        bias=False,
+        moe_experts=4,
+        moe_top_k=2,
+        moe_d_ff=96,
+        moe_capacity_factor=1.5,
+    )
+    cfg = Config(
+        model=model,
+        train=TrainConfig(
+            batch_size=8,
+            lr=3e-3,
+            warmup_steps=5,
+            eval_interval=1000,
+            eval_batches=4,
+            sample_tokens=0,
+            tokenizer_vocab_size=320,
+            log_interval=10,
+            device="cpu",
+            max_steps=150,
+        ),
+    )
     result = train(cfg, tmp_path / "run", data=corpus_dir, cache_root=tmp_path / "cache", log=lambda *_: None)
     shard_dir = next((tmp_path / "cache").glob("data-*"))
-    entropy = unigram_entropy(np.asarray(data.read_shard(shard_dir / "train_0000.bin"), dtype=np.int64))
+    entropy = unigram_entropy(np.asarray(read_shard(shard_dir / "train_0000.bin"), dtype=np.int64))
     assert result.final["val_loss"] < 0.5 * entropy, (result.final, entropy)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in records if "loss" in r]
@@ -287,7 +353,18 @@ def test_tiny_moe_model_learns(tmp_path, corpus_dir):
 
 def test_cli_train_eval_and_export_errors(tmp_path, capsys, corpus_dir):
     out = tmp_path / "moe"
-    args = ["--moe_experts", "4", "--moe_top_k", "2", "--moe_every", "2", "--moe_capacity_factor", "1.25", "--moe_shared_expert", "true"]
+    args = [
+        "--moe_experts",
+        "4",
+        "--moe_top_k",
+        "2",
+        "--moe_every",
+        "2",
+        "--moe_capacity_factor",
+        "1.25",
+        "--moe_shared_expert",
+        "true",
+    ]
     code, stdout, err = run_cli(capsys, "train", corpus_dir, "--out", out, "--max-steps", "10", *TINY_ARGS, *args)
     assert code == 0, err
     assert "| balance " in stdout and "dropped " in stdout
@@ -299,7 +376,9 @@ def test_cli_train_eval_and_export_errors(tmp_path, capsys, corpus_dir):
     assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5
     code, _, err = run_cli(capsys, "convert", "--to-hf", out, "--out", tmp_path / "hf")
     assert code == 1 and "moe_every=2" in err and "moe_shared_expert" in err and "without Llama attention" in err
-    code, _, err = run_cli(capsys, "train", corpus_dir, "--out", tmp_path / "bad", *TINY_ARGS, "--moe_experts", "4", "--moe_top_k", "9")
+    code, _, err = run_cli(
+        capsys, "train", corpus_dir, "--out", tmp_path / "bad", *TINY_ARGS, "--moe_experts", "4", "--moe_top_k", "9"
+    )
     assert code == 1 and err.startswith("error: invalid model config: moe_top_k (9)")
 
 
@@ -313,8 +392,28 @@ def test_readme_moe_config_runs(tmp_path, capsys, corpus_dir):
     want = preset("moe-tiny").model
     # the README example is the moe-tiny preset spelled out (d_ff, the size of dense layers, is unused: every layer is MoE)
     assert dataclasses.replace(cfg.model, d_ff=want.d_ff) == want
-    code, stdout, err = run_cli(capsys, "train", corpus_dir, "--config", tmp_path / "moe.toml", "--out", tmp_path / "run", "--max-steps", "2",
-                                "--tokenizer_vocab_size", "320", "--batch_size", "2", "--seq_len", "64", "--eval_batches", "1",
-                                "--sample_tokens", "0", "--log_interval", "1")
+    code, stdout, err = run_cli(
+        capsys,
+        "train",
+        corpus_dir,
+        "--config",
+        tmp_path / "moe.toml",
+        "--out",
+        tmp_path / "run",
+        "--max-steps",
+        "2",
+        "--tokenizer_vocab_size",
+        "320",
+        "--batch_size",
+        "2",
+        "--seq_len",
+        "64",
+        "--eval_batches",
+        "1",
+        "--sample_tokens",
+        "0",
+        "--log_interval",
+        "1",
+    )
     assert code == 0, err
     assert "| balance " in stdout

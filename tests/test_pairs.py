@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lmforge import pairs
+from lmforge.data import pairs
 from lmforge.errors import LmforgeError
 
 
@@ -15,7 +15,11 @@ def write_jsonl(path, rows):
 
 
 def test_read_jsonl_and_tsv(tmp_path):
-    rows = [{"source": "un chat", "target": "a cat"}, {"source": "é 🚀", "target": ""}, {"source": "x", "target": "y", "id": 3}]
+    rows = [
+        {"source": "un chat", "target": "a cat"},
+        {"source": "é 🚀", "target": ""},
+        {"source": "x", "target": "y", "id": 3},
+    ]
     j = write_jsonl(tmp_path / "p.jsonl", rows)
     with open(j, "a") as f:
         f.write("\n   \n")  # blank lines are skipped
@@ -25,16 +29,19 @@ def test_read_jsonl_and_tsv(tmp_path):
     assert pairs.read_pairs(t) == [("un chat", "a cat"), ("zwei", "two")]
 
 
-@pytest.mark.parametrize("content, suffix, message", [
-    ('{"source": "a", "target": "b"}\n{"source": "a", "target": \n', ".jsonl", "p.jsonl:2: not valid JSON"),
-    ('{"source": "a"}\n', ".jsonl", 'p.jsonl:1: expected an object with string fields "source" and "target"'),
-    ('["a", "b"]\n', ".jsonl", "p.jsonl:1: expected an object"),
-    ('{"source": 1, "target": "b"}\n', ".jsonl", "p.jsonl:1: expected an object"),
-    ("a\tb\nno tab here\n", ".tsv", "p.tsv:2: expected source<TAB>target, found 1"),
-    ("a\tb\tc\n", ".tsv", "p.tsv:1: expected source<TAB>target, found 3"),
-    ("\n\n", ".jsonl", "no pairs in"),
-    ("a\tb\n", ".csv", "must be in a .jsonl or .tsv file"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ('{"source": "a", "target": "b"}\n{"source": "a", "target": \n', ".jsonl", "p.jsonl:2: not valid JSON"),
+        ('{"source": "a"}\n', ".jsonl", 'p.jsonl:1: expected an object with string fields "source" and "target"'),
+        ('["a", "b"]\n', ".jsonl", "p.jsonl:1: expected an object"),
+        ('{"source": 1, "target": "b"}\n', ".jsonl", "p.jsonl:1: expected an object"),
+        ("a\tb\nno tab here\n", ".tsv", "p.tsv:2: expected source<TAB>target, found 1"),
+        ("a\tb\tc\n", ".tsv", "p.tsv:1: expected source<TAB>target, found 3"),
+        ("\n\n", ".jsonl", "no pairs in"),
+        ("a\tb\n", ".csv", "must be in a .jsonl or .tsv file"),
+    ],
+)
 def test_bad_pair_files(tmp_path, content, suffix, message):
     f = tmp_path / f"p{suffix}"
     f.write_text(content, encoding="utf-8")
@@ -63,9 +70,19 @@ def test_split_pairs_is_deterministic_and_complete():
 
 
 def test_spell_number():
-    cases = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 45: "forty-five", 100: "one hundred", 110: "one hundred ten",
-             1000: "one thousand", 20013: "twenty thousand thirteen", 342107: "three hundred forty-two thousand one hundred seven",
-             999999: "nine hundred ninety-nine thousand nine hundred ninety-nine"}
+    cases = {
+        0: "zero",
+        7: "seven",
+        13: "thirteen",
+        20: "twenty",
+        45: "forty-five",
+        100: "one hundred",
+        110: "one hundred ten",
+        1000: "one thousand",
+        20013: "twenty thousand thirteen",
+        342107: "three hundred forty-two thousand one hundred seven",
+        999999: "nine hundred ninety-nine thousand nine hundred ninety-nine",
+    }
     for n, words in cases.items():
         assert pairs.spell_number(n) == words
 
@@ -74,7 +91,9 @@ def test_spell_number():
 def test_demo_splits_are_deterministic_and_disjoint(name):
     d = pairs.demo(name)
     train, val, test = d.pairs("train"), d.pairs("val"), d.pairs("test")
-    assert 0.94 * d.size < len(train) < 0.98 * d.size  # 48 of 50 hash buckets; a few frequent short sources make it vary
+    assert (
+        0.94 * d.size < len(train) < 0.98 * d.size
+    )  # 48 of 50 hash buckets; a few frequent short sources make it vary
     assert 1000 < len(test) < 0.03 * d.size and 500 < len(val) < 0.03 * d.size
     assert len({s for s, _ in val}) == len(val) and len({s for s, _ in test}) == len(test)  # held-out sources once each
     sources = [set(s for s, _ in split) for split in (train, val, test)]
@@ -139,10 +158,10 @@ def test_collate_shifts_target_and_masks_padding(tok):
     assert b.src.shape == (2, max(map(len, src))) and b.tgt_in.shape == b.labels.shape == (2, max(map(len, tgt)) + 1)
     for i in range(2):
         n = len(tgt[i])
-        assert b.tgt_in[i, 0] == tok.bos_id and b.tgt_in[i, 1: n + 1].tolist() == tgt[i]
+        assert b.tgt_in[i, 0] == tok.bos_id and b.tgt_in[i, 1 : n + 1].tolist() == tgt[i]
         assert b.labels[i, :n].tolist() == tgt[i] and b.labels[i, n] == tok.eos_id
-        assert (b.labels[i, n + 1:] == pairs.IGNORE).all() and b.tgt_mask[i].sum() == n + 1
-        assert b.src_mask[i].sum() == len(src[i]) and (b.src[i, len(src[i]):] == tok.src_pad_id).all()
+        assert (b.labels[i, n + 1 :] == pairs.IGNORE).all() and b.tgt_mask[i].sum() == n + 1
+        assert b.src_mask[i].sum() == len(src[i]) and (b.src[i, len(src[i]) :] == tok.src_pad_id).all()
     assert b.target_tokens == len(tgt[0]) + len(tgt[1]) + 2
 
 
@@ -167,7 +186,9 @@ def test_length_bucketed_batches_waste_little_padding(tok):
     for _ in range(50):
         idx = torch.randint(0, len(src), (32,), generator=g).tolist()
         shuffled.append(padding_fraction(pairs.collate([src[i] for i in idx], [tgt[i] for i in idx], tok)))
-    assert sum(shuffled) / 50 > 0.3 and sum(bucketed) / 50 < 0.15  # random batches are over a third padding, bucketed ones far less
+    assert (
+        sum(shuffled) / 50 > 0.3 and sum(bucketed) / 50 < 0.15
+    )  # random batches are over a third padding, bucketed ones far less
     # the batches come only from the generator: the same seed draws the same batches
     a = pd.batch(32, torch.Generator().manual_seed(5))
     b = pd.batch(32, torch.Generator().manual_seed(5))

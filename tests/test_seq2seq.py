@@ -6,29 +6,68 @@ import sys
 
 import pytest
 import torch
-
-from lmforge import config as C
-from lmforge import pairs
-from lmforge.models import Seq2SeqTransformer
-from lmforge.runs import load
-from lmforge.seq2seq import evaluate_pairs, seq2seq_loss, translate
-from lmforge.training import train
 from conftest import run_cli
 from test_cli import one_error_line
+
+from lmforge import config as C
+from lmforge.data import pairs
+from lmforge.evaluation.seq2seq import evaluate_pairs
+from lmforge.inference.beam import translate
+from lmforge.models import Seq2SeqTransformer
+from lmforge.models.loss import seq2seq_loss
+from lmforge.runs import load
+from lmforge.train.loop import train
 
 quiet = lambda *_: None  # noqa: E731
 
 # A very small model for tests that only need the machinery to run.
-TINY_S2S_ARGS = ["--n_encoder_layer", "1", "--n_decoder_layer", "1", "--n_head", "2", "--d_model", "32", "--d_ff", "64", "--max_len", "32",
-                 "--batch_size", "16", "--tokenizer_vocab_size", "300", "--eval_interval", "4", "--eval_batches", "1", "--log_interval", "2",
-                 "--warmup_steps", "2", "--device", "cpu"]
+TINY_S2S_ARGS = [
+    "--n_encoder_layer",
+    "1",
+    "--n_decoder_layer",
+    "1",
+    "--n_head",
+    "2",
+    "--d_model",
+    "32",
+    "--d_ff",
+    "64",
+    "--max_len",
+    "32",
+    "--batch_size",
+    "16",
+    "--tokenizer_vocab_size",
+    "300",
+    "--eval_interval",
+    "4",
+    "--eval_batches",
+    "1",
+    "--log_interval",
+    "2",
+    "--warmup_steps",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def small_config(**train_kw) -> C.Config:
     cfg = C.preset("seq2seq-tiny", "seq2seq")
-    cfg.model = C.Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=1, n_head=2, d_model=32, d_ff=64, max_len=32, dropout=0.0)
-    kw = dict(batch_size=16, lr=3e-3, warmup_steps=2, eval_interval=1000, eval_batches=1, log_interval=1, sample_tokens=0,
-              tokenizer_vocab_size=300, max_time=None, device="cpu")
+    cfg.model = C.Seq2SeqConfig(
+        n_encoder_layer=1, n_decoder_layer=1, n_head=2, d_model=32, d_ff=64, max_len=32, dropout=0.0
+    )
+    kw = dict(
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_interval=1000,
+        eval_batches=1,
+        log_interval=1,
+        sample_tokens=0,
+        tokenizer_vocab_size=300,
+        max_time=None,
+        device="cpu",
+    )
     kw.update(train_kw)
     cfg.train = C.TrainConfig(**{**C.dataclasses.asdict(cfg.train), **kw})
     return cfg
@@ -67,8 +106,19 @@ def test_resume_continues_exactly(tmp_path, pairs_file):
 
 
 def test_loss_ignores_padding_and_label_smoothing_raises_it(tmp_path, pairs_file):
-    model = Seq2SeqTransformer(C.Seq2SeqConfig(src_vocab_size=320, tgt_vocab_size=320, n_encoder_layer=1, n_decoder_layer=1, n_head=2,
-                                               d_model=32, d_ff=64, max_len=32, dropout=0.0)).eval()
+    model = Seq2SeqTransformer(
+        C.Seq2SeqConfig(
+            src_vocab_size=320,
+            tgt_vocab_size=320,
+            n_encoder_layer=1,
+            n_decoder_layer=1,
+            n_head=2,
+            d_model=32,
+            d_ff=64,
+            max_len=32,
+            dropout=0.0,
+        )
+    ).eval()
     tok = pairs.PairTokenizer.train(pairs.read_pairs(pairs_file), 300)
     data = [("a b c d e f g h", "h g f e d c b a"), ("q r", "r q")]
     src, tgt, _ = pairs.encode_pairs(data, tok, 32)
@@ -88,9 +138,23 @@ def test_loss_ignores_padding_and_label_smoothing_raises_it(tmp_path, pairs_file
 def learned_run(tmp_path_factory):
     """The dates demo, trained for a fixed 200 steps with a small model (about 10 s on 2 cores)."""
     cfg = C.preset("seq2seq-tiny", "seq2seq")
-    cfg = C.merge(cfg, {"model": dict(n_encoder_layer=2, n_decoder_layer=2, d_model=64, d_ff=256),
-                        "train": dict(max_steps=200, max_time=None, batch_size=64, lr=3e-3, warmup_steps=30, eval_interval=1000,
-                                      eval_batches=4, sample_tokens=0, device="cpu")})
+    cfg = C.merge(
+        cfg,
+        {
+            "model": dict(n_encoder_layer=2, n_decoder_layer=2, d_model=64, d_ff=256),
+            "train": dict(
+                max_steps=200,
+                max_time=None,
+                batch_size=64,
+                lr=3e-3,
+                warmup_steps=30,
+                eval_interval=1000,
+                eval_batches=4,
+                sample_tokens=0,
+                device="cpu",
+            ),
+        },
+    )
     out = tmp_path_factory.mktemp("learn") / "dates"
     result = train(cfg, out, data=pairs.demo("dates"), log=quiet)
     return out, result
@@ -108,7 +172,9 @@ def test_learns_the_dates_demo(learned_run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] > 5 * records[-2]["loss"]
     greedy_100 = sum(o == t for o, (_, t) in zip(res["outputs"][:100], test[:100]))
-    beam_100 = sum(o == t for o, (_, t) in zip(translate(model, tok, [s for s, _ in test[:100]], beam_size=4), test[:100]))
+    beam_100 = sum(
+        o == t for o, (_, t) in zip(translate(model, tok, [s for s, _ in test[:100]], beam_size=4), test[:100])
+    )
     assert beam_100 >= greedy_100 - 2  # beam search is not worse than greedy here
 
 
@@ -134,7 +200,14 @@ def test_cli_train_generate_eval(tmp_path, capsys, pairs_file):
     code, out, err = run_cli(capsys, "train", "--demo", "sort", "--out", run, "--max-steps", 8, *TINY_S2S_ARGS)
     assert code == 0, err
     assert "eval step 8: val loss" in out and "exact match" in out and "sample: " in out
-    for f in ("config.json", "tokenizer.json", "model.safetensors", "checkpoints/step_0000008/trainer_state.pt", "metrics.jsonl", "data.json"):
+    for f in (
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "checkpoints/step_0000008/trainer_state.pt",
+        "metrics.jsonl",
+        "data.json",
+    ):
         assert (run / f).is_file(), f
     code, out, err = run_cli(capsys, "generate", run, "--source", "c b a", "--max-new-tokens", 6)
     assert code == 0 and len(out.splitlines()) == 1, err
@@ -154,8 +227,24 @@ def test_cli_train_generate_eval(tmp_path, capsys, pairs_file):
     assert code == 0 and out.startswith(f"pairs {len(pairs.demo('sort').pairs('test')):,} |"), err
     # train on a pairs file (separate vocabularies) through the CLI too
     run2 = tmp_path / "run2"
-    code, out, err = run_cli(capsys, "train", "--task", "seq2seq", pairs_file, "--out", run2, "--max-steps", 2, "--shared_vocab", "false",
-                             "--tie_embeddings", "false", "--norm_position", "pre", *TINY_S2S_ARGS)
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--task",
+        "seq2seq",
+        pairs_file,
+        "--out",
+        run2,
+        "--max-steps",
+        2,
+        "--shared_vocab",
+        "false",
+        "--tie_embeddings",
+        "false",
+        "--norm_position",
+        "pre",
+        *TINY_S2S_ARGS,
+    )
     assert code == 0, err
     assert (run2 / "source_tokenizer.json").is_file() and "vocabularies" in out
     code, out, err = run_cli(capsys, "generate", run2, "--source", "a b", "--max-new-tokens", 4)
@@ -163,11 +252,18 @@ def test_cli_train_generate_eval(tmp_path, capsys, pairs_file):
 
 
 def test_generate_interactive(learned_run):
-    r = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(learned_run[0]), "--beam-size", "1"],
-                       input="March 5, 2021\nJan 2 1999\n", capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "generate", str(learned_run[0]), "--beam-size", "1"],
+        input="March 5, 2021\nJan 2 1999\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("> ")
-    assert lines[0] == "" and len(lines) == 4 and all(line.endswith("\n") for line in lines[1:3])  # prompt, output, twice
+    assert (
+        lines[0] == "" and len(lines) == 4 and all(line.endswith("\n") for line in lines[1:3])
+    )  # prompt, output, twice
 
 
 def test_cli_bad_inputs(tmp_path, capsys, tiny_run, learned_run):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmforge.config import Seq2SeqConfig
+from lmforge.data.pairs import pad
+from lmforge.inference.beam import beam_search, greedy_decode
 from lmforge.models import Seq2SeqTransformer, build_model
-from lmforge.pairs import pad
 from lmforge.runs import load_weights, save_weights
-from lmforge.seq2seq import beam_search, greedy_decode
 
 V, BOS, EOS, PAD = 40, 1, 2, 0
 
@@ -22,7 +22,17 @@ VARIANTS = {
 
 def tiny(**kw) -> Seq2SeqTransformer:
     torch.manual_seed(0)
-    args = dict(src_vocab_size=V, tgt_vocab_size=V, n_encoder_layer=2, n_decoder_layer=2, n_head=4, d_model=32, d_ff=64, max_len=24, dropout=0.0)
+    args = dict(
+        src_vocab_size=V,
+        tgt_vocab_size=V,
+        n_encoder_layer=2,
+        n_decoder_layer=2,
+        n_head=4,
+        d_model=32,
+        d_ff=64,
+        max_len=24,
+        dropout=0.0,
+    )
     args.update(kw)
     return build_model(Seq2SeqConfig(**args)).eval()
 
@@ -56,7 +66,10 @@ def test_source_mask_hides_padding(variant):
     S2 = S.clone()
     S2[0, 4:] = torch.tensor(rand_ids(8, seed=5))  # other tokens where row 0 is padding
     with torch.no_grad():
-        for a, b in [(model.encode(S, S_mask)[0, :4], model.encode(S2, S_mask)[0, :4]), (model(S, T, S_mask)[0], model(S2, T, S_mask)[0])]:
+        for a, b in [
+            (model.encode(S, S_mask)[0, :4], model.encode(S2, S_mask)[0, :4]),
+            (model(S, T, S_mask)[0], model(S2, T, S_mask)[0]),
+        ]:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         # without the mask the padded tokens do change the result, so the check above is not vacuous
         assert not torch.allclose(model(S, T)[0], model(S2, T)[0], atol=1e-3)
@@ -84,7 +97,9 @@ def test_cached_decoding_equals_uncached(variant):
     with torch.no_grad():
         full = model(S, T, S_mask)
         cache = model.new_cache(model.encode(S, S_mask), S_mask, 20)
-        parts = [model.decode(T[:, :4], cache=cache)] + [model.decode(T[:, t: t + 1], cache=cache) for t in range(4, 15)]
+        parts = [model.decode(T[:, :4], cache=cache)] + [
+            model.decode(T[:, t : t + 1], cache=cache) for t in range(4, 15)
+        ]
     assert cache.self_attn.pos == 15
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
 
@@ -93,7 +108,9 @@ def test_encoder_and_cross_attention_projections_run_once_per_input():
     model = tiny()
     calls = {"encoder": 0, "cross_kv": 0, "self_kv": 0}
     model.encoder[0].register_forward_hook(lambda *_: calls.__setitem__("encoder", calls["encoder"] + 1))
-    model.decoder[1].cross_attn.kv.register_forward_hook(lambda *_: calls.__setitem__("cross_kv", calls["cross_kv"] + 1))
+    model.decoder[1].cross_attn.kv.register_forward_hook(
+        lambda *_: calls.__setitem__("cross_kv", calls["cross_kv"] + 1)
+    )
     model.decoder[1].self_attn.kv.register_forward_hook(lambda *_: calls.__setitem__("self_kv", calls["self_kv"] + 1))
     S, S_mask = pad([rand_ids(6, seed=1), rand_ids(9, seed=2)], PAD)
     out = greedy_decode(model, S, S_mask, BOS, -1, max_new_tokens=10)  # eos -1: never stops early
@@ -108,7 +125,9 @@ def eos_prone_model():
     """A random model whose EOS logit is raised so that some greedy outputs stop early and others do not."""
     model = tiny(tie_embeddings=False)
     with torch.no_grad():
-        model.lm_head.weight[EOS] += 0.35 * model.lm_head.weight.std() * torch.randn(32, generator=torch.Generator().manual_seed(7))
+        model.lm_head.weight[EOS] += (
+            0.35 * model.lm_head.weight.std() * torch.randn(32, generator=torch.Generator().manual_seed(7))
+        )
     return model
 
 
@@ -189,7 +208,11 @@ def test_beam_search_keeps_searching_while_a_live_hypothesis_can_win(beam_size):
 
 
 def test_shared_and_tied_weights_saved_once_and_reload(tmp_path):
-    for kw in ({}, dict(shared_vocab=False, src_vocab_size=33, tie_embeddings=False), dict(pos="learned", tie_embeddings=False)):
+    for kw in (
+        {},
+        dict(shared_vocab=False, src_vocab_size=33, tie_embeddings=False),
+        dict(pos="learned", tie_embeddings=False),
+    ):
         model = tiny(**kw)
         cfg = model.config
         assert (model.src_emb is model.tgt_emb) == cfg.shared_vocab
@@ -201,7 +224,9 @@ def test_shared_and_tied_weights_saved_once_and_reload(tmp_path):
             torch.nn.init.zeros_(p)
         load_weights(path, other)
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
-        assert (other.src_emb is other.tgt_emb) == cfg.shared_vocab and (other.lm_head.weight is other.tgt_emb.weight) == cfg.tie_embeddings
+        assert (other.src_emb is other.tgt_emb) == cfg.shared_vocab and (
+            other.lm_head.weight is other.tgt_emb.weight
+        ) == cfg.tie_embeddings
 
 
 def test_parameter_count():
@@ -213,12 +238,21 @@ def test_parameter_count():
     dec = L * (2 * attn + mlp + 3 * norm)
     assert tiny().num_params() == V * d + enc + dec  # one shared, tied embedding; sinusoidal positions have no weights
     assert tiny(norm_position="pre").num_params() == V * d + enc + dec + 2 * norm  # final norms of both stacks
-    assert tiny(shared_vocab=False, src_vocab_size=33, tie_embeddings=False).num_params() == 33 * d + 2 * V * d + enc + dec
+    assert (
+        tiny(shared_vocab=False, src_vocab_size=33, tie_embeddings=False).num_params() == 33 * d + 2 * V * d + enc + dec
+    )
 
 
 def test_config_validation():
     from lmforge.errors import LmforgeError
 
-    for bad in (dict(norm_position="middle"), dict(pos="rope"), dict(d_model=30), dict(src_vocab_size=10), dict(mlp="tanh"), dict(max_len=1)):
+    for bad in (
+        dict(norm_position="middle"),
+        dict(pos="rope"),
+        dict(d_model=30),
+        dict(src_vocab_size=10),
+        dict(mlp="tanh"),
+        dict(max_len=1),
+    ):
         with pytest.raises(LmforgeError, match="invalid model config"):
             tiny(**bad)

@@ -13,10 +13,11 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.generation import SamplingParams, generate_batch
-from lmforge.packing import pack_for_inference
+from lmforge.inference.engine import generate_batch
+from lmforge.inference.quantize import pack_for_inference
+from lmforge.inference.sampling import SamplingParams
+from lmforge.inference.server import create_app, render_chat
 from lmforge.runs import load
-from lmforge.serving import create_app, render_chat
 
 NAME = "tiny"
 
@@ -78,7 +79,9 @@ def raw(port, method, path, body=None, headers=None):
 
 def offline(model_tok, prompt, max_tokens, stop=(), **kw):
     model, tok = model_tok
-    return generate_batch(model, tok, [prompt], SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=list(stop), **kw))[0]
+    return generate_batch(
+        model, tok, [prompt], SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=list(stop), **kw)
+    )[0]
 
 
 def test_completion_matches_offline_generation(server, model_tok):
@@ -107,8 +110,16 @@ def test_chat_uses_the_plain_template(server, model_tok):
 def test_streaming_completion_and_chat(server, model_tok):
     port, _ = server
     c = client(port)
-    chunks = list(c.completions.create(model=NAME, prompt="5: my friend", max_tokens=20, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model=NAME,
+            prompt="5: my friend",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     expected = offline(model_tok, "5: my friend", 20)
     assert text == expected.text
@@ -128,8 +139,12 @@ def test_streaming_completion_and_chat(server, model_tok):
 def test_raw_event_stream_ends_with_done(server):
     port, _ = server
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "1:", "max_tokens": 5, "stream": True}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": NAME, "prompt": "1:", "max_tokens": 5, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
     events = [line for line in resp.read().decode().split("\n\n") if line]
@@ -141,17 +156,37 @@ def test_raw_event_stream_ends_with_done(server):
 def test_sampling_options_seed_n_and_logprobs(server):
     port, _ = server
     c = client(port)
-    kw = dict(model=NAME, prompt="6: the", max_tokens=15, temperature=1.0, top_p=0.9, seed=11, n=2, frequency_penalty=0.5,
-              extra_body={"top_k": 30, "min_p": 0.05, "repetition_penalty": 1.1})
+    kw = dict(
+        model=NAME,
+        prompt="6: the",
+        max_tokens=15,
+        temperature=1.0,
+        top_p=0.9,
+        seed=11,
+        n=2,
+        frequency_penalty=0.5,
+        extra_body={"top_k": 30, "min_p": 0.05, "repetition_penalty": 1.1},
+    )
     a, b = c.completions.create(**kw), c.completions.create(**kw)
     assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]
     assert [ch.index for ch in a.choices] == [0, 1]
     r = c.completions.create(model=NAME, prompt=["1: a", "2: the"], max_tokens=4, temperature=0, logprobs=2)
     assert len(r.choices) == 2
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
-    assert all(max(top.values()) == pytest.approx(chosen, abs=1e-5) for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))  # greedy picks the top
-    chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and all(
+        len(t) <= 2 for t in lp.top_logprobs
+    )
+    assert all(
+        max(top.values()) == pytest.approx(chosen, abs=1e-5) for top, chosen in zip(lp.top_logprobs, lp.token_logprobs)
+    )  # greedy picks the top
+    chat = c.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert chat.choices[0].logprobs.content and len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
 
 
@@ -161,7 +196,9 @@ def test_models_health_and_openapi(server):
     status, body = raw(port, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["model"] == NAME
     status, schema = raw(port, "GET", "/openapi.json")
-    assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
+    assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(
+        schema["paths"]
+    )
 
 
 BAD = [
@@ -181,11 +218,36 @@ BAD = [
     ("negative temperature", "/v1/completions", {"model": NAME, "prompt": "x", "temperature": -0.5}, "temperature"),
     ("top_p zero", "/v1/completions", {"model": NAME, "prompt": "x", "top_p": 0}, "top_p"),
     ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, "model"),
-    ("unknown chat model", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, "model"),
-    ("max_tokens beyond the context", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 64}, "max_tokens"),
-    ("chat max_tokens beyond the context", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, "max_tokens"),
-    ("prompt longer than the context", "/v1/completions", {"model": NAME, "prompt": "the cat sees the moon. " * 40}, "prompt"),
-    ("chat prompt longer than the context", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a dog. " * 60}]}, "messages"),
+    (
+        "unknown chat model",
+        "/v1/chat/completions",
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+        "model",
+    ),
+    (
+        "max_tokens beyond the context",
+        "/v1/completions",
+        {"model": NAME, "prompt": "x", "max_tokens": 64},
+        "max_tokens",
+    ),
+    (
+        "chat max_tokens beyond the context",
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000},
+        "max_tokens",
+    ),
+    (
+        "prompt longer than the context",
+        "/v1/completions",
+        {"model": NAME, "prompt": "the cat sees the moon. " * 40},
+        "prompt",
+    ),
+    (
+        "chat prompt longer than the context",
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "a dog. " * 60}]},
+        "messages",
+    ),
     ("token ids out of range", "/v1/completions", {"model": NAME, "prompt": [1, 99999]}, "prompt"),
     ("n too large", "/v1/completions", {"model": NAME, "prompt": "x", "n": 17}, "n"),
     ("empty stop string", "/v1/completions", {"model": NAME, "prompt": "x", "stop": [""]}, "stop"),
@@ -221,7 +283,9 @@ def test_oversized_body_is_refused(server):
     # a chunked upload with no declared length is counted as it arrives
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     body = iter([b'{"model": "tiny", "prompt": "'] + [b"a" * (1 << 16)] * 20 + [b'"}'])
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"}, encode_chunked=True)
+    conn.request(
+        "POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"}, encode_chunked=True
+    )
     resp = conn.getresponse()
     assert resp.status == 413
     conn.close()
@@ -247,7 +311,9 @@ def test_sixteen_concurrent_clients_are_batched_and_correct(server, model_tok):
 
     def ask(i):
         if i % 2:
-            chunks = c.completions.create(model=NAME, prompt=prompts[i], max_tokens=limits[i], temperature=0, stream=True)
+            chunks = c.completions.create(
+                model=NAME, prompt=prompts[i], max_tokens=limits[i], temperature=0, stream=True
+            )
             return "".join(ch.choices[0].text for ch in chunks if ch.choices)
         return c.completions.create(model=NAME, prompt=prompts[i], max_tokens=limits[i], temperature=0).choices[0].text
 
@@ -279,8 +345,12 @@ def test_client_disconnect_mid_stream_frees_its_row(model_tok):
     app = create_app(SlowModel(model), tok, NAME, max_batch=2)
     with running(app) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "1:", "max_tokens": 60, "stream": True, "ignore_eos": True}),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({"model": NAME, "prompt": "1:", "max_tokens": 60, "stream": True, "ignore_eos": True}),
+            {"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: ")  # generation has started
         _, health = raw(port, "GET", "/health")
@@ -289,7 +359,9 @@ def test_client_disconnect_mid_stream_frees_its_row(model_tok):
         conn.close()
         engine = app.state.worker.engine
         left = time.monotonic()
-        while engine.rows and time.monotonic() - left < 2.0:  # 60 tokens would take 3 s; the row must be freed well before
+        while (
+            engine.rows and time.monotonic() - left < 2.0
+        ):  # 60 tokens would take 3 s; the row must be freed well before
             time.sleep(0.01)
         assert not engine.rows and app.state.worker.cancelled_rows == 1
         _, health = raw(port, "GET", "/health")
@@ -317,17 +389,24 @@ def test_api_key(model_tok, monkeypatch):
 def test_cli_serve_generate_and_eval_options(tiny_run, corpus_dir, capsys):
     from conftest import run_cli
 
-    for argv, expected in [(["serve", tiny_run, "--port", 0], "--port"), (["serve", tiny_run, "--max-batch", 0], "--max-batch"),
-                           (["serve", tiny_run, "--compile", "--quantize", "bf16"], "alternatives"),
-                           (["serve", tiny_run / "missing"], "not found"),
-                           (["generate", tiny_run, "--prompt", "x", "--top-p", "1.5"], "top_p"),
-                           (["generate", tiny_run, "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty")]:
+    for argv, expected in [
+        (["serve", tiny_run, "--port", 0], "--port"),
+        (["serve", tiny_run, "--max-batch", 0], "--max-batch"),
+        (["serve", tiny_run, "--compile", "--quantize", "bf16"], "alternatives"),
+        (["serve", tiny_run / "missing"], "not found"),
+        (["generate", tiny_run, "--prompt", "x", "--top-p", "1.5"], "top_p"),
+        (["generate", tiny_run, "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty"),
+    ]:
         code, _, err = run_cli(capsys, *argv)
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, err)
-    code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "1: the", "--greedy", "--max-new-tokens", 20, "--stop", ".")
-    assert code == 0 and out.startswith("1: the") and "." not in out[len("1: the"):], err
-    code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "1: the", "--quantize", "bf16", "--max-new-tokens", 5, "--seed", 1)
+    code, out, err = run_cli(
+        capsys, "generate", tiny_run, "--prompt", "1: the", "--greedy", "--max-new-tokens", 20, "--stop", "."
+    )
+    assert code == 0 and out.startswith("1: the") and "." not in out[len("1: the") :], err
+    code, out, err = run_cli(
+        capsys, "generate", tiny_run, "--prompt", "1: the", "--quantize", "bf16", "--max-new-tokens", 5, "--seed", 1
+    )
     assert code == 0, err
     code, out, err = run_cli(capsys, "eval", tiny_run, "--data", corpus_dir / "part0.txt", "--quantize", "int8")
     assert code == 0 and "perplexity" in out, err

@@ -3,8 +3,8 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmforge.data.tokenizer import EOT, Tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import EOT, Tokenizer
 
 
 @settings(max_examples=300, deadline=None)
@@ -13,7 +13,9 @@ def test_round_trip_any_unicode(small_tokenizer, s):
     assert small_tokenizer.decode(small_tokenizer.encode(s)) == s
 
 
-@pytest.mark.parametrize("s", ["", " ", "\t\n\r\n", "  two  spaces\n\n\n", "emoji 🚀🧪 and é ñ ß 漢字", "\x00\x7f", EOT + "x" + EOT])
+@pytest.mark.parametrize(
+    "s", ["", " ", "\t\n\r\n", "  two  spaces\n\n\n", "emoji 🚀🧪 and é ñ ß 漢字", "\x00\x7f", EOT + "x" + EOT]
+)
 def test_round_trip_edge_cases(small_tokenizer, s):
     assert small_tokenizer.decode(small_tokenizer.encode(s)) == s
 

@@ -4,11 +4,11 @@ import math
 import numpy as np
 import torch
 
-from lmforge import data
 from lmforge.config import Config, ModelConfig, TrainConfig
+from lmforge.data.shards import read_shard
 from lmforge.runs import load
-from lmforge.optim import build_optimizers
-from lmforge.training import lr_at, train
+from lmforge.train.loop import train
+from lmforge.train.optim import build_optimizers, lr_at
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -19,16 +19,32 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def small_config(**train_kw) -> Config:
     model = ModelConfig(n_layer=2, n_head=2, d_model=64, block_size=64)
-    kw = dict(batch_size=8, lr=3e-3, warmup_steps=5, eval_interval=1000, eval_batches=4, sample_tokens=0, tokenizer_vocab_size=320,
-              log_interval=10, device="cpu", precision="fp32")
+    kw = dict(
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=1000,
+        eval_batches=4,
+        sample_tokens=0,
+        tokenizer_vocab_size=320,
+        log_interval=10,
+        device="cpu",
+        precision="fp32",
+    )
     kw.update(train_kw)
     return Config(model=model, train=TrainConfig(**kw))
 
 
 def test_learns_structured_text(tmp_path, corpus_dir):
-    result = train(small_config(max_steps=150), tmp_path / "run", data=corpus_dir, cache_root=tmp_path / "cache", log=lambda *_: None)
+    result = train(
+        small_config(max_steps=150),
+        tmp_path / "run",
+        data=corpus_dir,
+        cache_root=tmp_path / "cache",
+        log=lambda *_: None,
+    )
     shard_dir = next((tmp_path / "cache").glob("data-*"))
-    entropy = unigram_entropy(np.asarray(data.read_shard(shard_dir / "train_0000.bin"), dtype=np.int64))
+    entropy = unigram_entropy(np.asarray(read_shard(shard_dir / "train_0000.bin"), dtype=np.int64))
     # the grammar is highly predictable: loss must fall far below what token frequencies alone give
     assert result.final["val_loss"] < 0.5 * entropy, (result.final, entropy)
     assert result.final["val_bpb"] < 1.0

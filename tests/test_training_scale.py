@@ -10,22 +10,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_ARGS, run_cli
 
-from lmforge import checkpoint as ckptmod
 from lmforge.config import Config, ModelConfig, TrainConfig
 from lmforge.models import build_model
-from lmforge.optim import Muon, newton_schulz
-from lmforge.training import train
-
-from conftest import TINY_ARGS, run_cli
+from lmforge.train import checkpoint as ckptmod
+from lmforge.train.loop import train
+from lmforge.train.optim import Muon, newton_schulz
 
 QUIET = lambda *_: None  # noqa: E731
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_config(**train_kw) -> Config:
-    kw = dict(batch_size=8, lr=3e-3, warmup_steps=3, eval_interval=1000, eval_batches=2, sample_tokens=0, tokenizer_vocab_size=320,
-              log_interval=1, device="cpu", precision="fp32")
+    kw = dict(
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=3,
+        eval_interval=1000,
+        eval_batches=2,
+        sample_tokens=0,
+        tokenizer_vocab_size=320,
+        log_interval=1,
+        device="cpu",
+        precision="fp32",
+    )
     kw.update(train_kw)
     return Config(model=ModelConfig(n_layer=2, n_head=2, d_model=64, block_size=64), train=TrainConfig(**kw))
 
@@ -73,8 +82,13 @@ def test_muon_step_is_orthogonal_and_reduces_loss():
 
 
 def test_training_with_muon_learns(tmp_path, corpus_dir):
-    res = train(small_config(optimizer="muon", max_steps=60, eval_interval=1000), tmp_path / "r", data=corpus_dir,
-                cache_root=tmp_path / "c", log=QUIET)
+    res = train(
+        small_config(optimizer="muon", max_steps=60, eval_interval=1000),
+        tmp_path / "r",
+        data=corpus_dir,
+        cache_root=tmp_path / "c",
+        log=QUIET,
+    )
     ls = losses(tmp_path / "r")
     assert sum(ls[-5:]) / 5 < 0.6 * sum(ls[:3]) / 3
     assert res.final["val_loss"] < 2.5
@@ -84,13 +98,21 @@ def test_training_with_muon_learns(tmp_path, corpus_dir):
 
 
 def test_precision_flags_on_cpu(tmp_path, corpus_dir, capsys, monkeypatch):
-    res = train(small_config(precision="bf16", max_steps=3), tmp_path / "bf16", data=corpus_dir, cache_root=tmp_path / "c", log=QUIET)
+    res = train(
+        small_config(precision="bf16", max_steps=3),
+        tmp_path / "bf16",
+        data=corpus_dir,
+        cache_root=tmp_path / "c",
+        log=QUIET,
+    )
     assert res.step == 3 and res.final["val_loss"] < 10
-    code, _, err = run_cli(capsys, "train", corpus_dir, "--out", tmp_path / "fp16", "--max-steps", 2, *TINY_ARGS, "--precision", "fp16")
+    code, _, err = run_cli(
+        capsys, "train", corpus_dir, "--out", tmp_path / "fp16", "--max-steps", 2, *TINY_ARGS, "--precision", "fp16"
+    )
     assert code == 1 and "fp16 training needs a CUDA device" in err
     code, _, err = run_cli(capsys, "train", corpus_dir, "--out", tmp_path / "x", *TINY_ARGS, "--precision", "fp8")
     assert code == 1 and "unknown precision" in err
-    from lmforge import perf
+    from lmforge.train import precision as perf
 
     monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
     assert perf.choose_precision("auto", torch.device("cpu")) == "fp32"
@@ -114,7 +136,9 @@ def test_activation_checkpointing_gives_same_gradients():
 
 @pytest.mark.slow
 def test_compile_trains(tmp_path, corpus_dir):
-    res = train(small_config(compile=True, max_steps=3), tmp_path / "r", data=corpus_dir, cache_root=tmp_path / "c", log=QUIET)
+    res = train(
+        small_config(compile=True, max_steps=3), tmp_path / "r", data=corpus_dir, cache_root=tmp_path / "c", log=QUIET
+    )
     assert res.step == 3
 
 
@@ -130,7 +154,13 @@ def test_mfu_is_reported(tmp_path, corpus_dir):
 
 def test_keeps_last_k_and_best(tmp_path, corpus_dir):
     run = tmp_path / "r"
-    train(small_config(max_steps=12, eval_interval=2, keep_checkpoints=2), run, data=corpus_dir, cache_root=tmp_path / "c", log=QUIET)
+    train(
+        small_config(max_steps=12, eval_interval=2, keep_checkpoints=2),
+        run,
+        data=corpus_dir,
+        cache_root=tmp_path / "c",
+        log=QUIET,
+    )
     steps = [d.name for d in ckptmod.step_dirs(run / "checkpoints")]
     assert steps == ["step_0000010", "step_0000012"]
     best = json.loads((run / "checkpoints" / "best" / "manifest.json").read_text())
@@ -141,7 +171,14 @@ def test_keeps_last_k_and_best(tmp_path, corpus_dir):
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, corpus_dir, monkeypatch):
     run = tmp_path / "r"
-    train(small_config(max_steps=20, eval_interval=5), run, data=corpus_dir, cache_root=tmp_path / "c", log=QUIET, stop_after_steps=5)
+    train(
+        small_config(max_steps=20, eval_interval=5),
+        run,
+        data=corpus_dir,
+        cache_root=tmp_path / "c",
+        log=QUIET,
+        stop_after_steps=5,
+    )
     weights_before = (run / "model.safetensors").read_bytes()
 
     def crash(*a, **k):
@@ -152,7 +189,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, corpus_di
         train(None, run, resume=True, log=QUIET, stop_after_steps=10)
     monkeypatch.undo()
     assert [d.name for d in ckptmod.step_dirs(run / "checkpoints")] == ["step_0000005"]
-    assert not list((run / "checkpoints").glob(".tmp*")) or all(not (d / "manifest.json").exists() for d in (run / "checkpoints").glob(".tmp*"))
+    assert not list((run / "checkpoints").glob(".tmp*")) or all(
+        not (d / "manifest.json").exists() for d in (run / "checkpoints").glob(".tmp*")
+    )
     assert (run / "model.safetensors").read_bytes() == weights_before
     res = train(None, run, resume=True, log=QUIET)
     assert res.step == 20
@@ -160,7 +199,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(tmp_path, corpus_di
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus_dir, capsys):
     run = tmp_path / "r"
-    train(small_config(max_steps=30, eval_interval=5), run, data=corpus_dir, cache_root=tmp_path / "c", log=QUIET, stop_after_steps=10)
+    train(
+        small_config(max_steps=30, eval_interval=5),
+        run,
+        data=corpus_dir,
+        cache_root=tmp_path / "c",
+        log=QUIET,
+        stop_after_steps=10,
+    )
     latest = run / "checkpoints" / "step_0000010" / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:-100])
     res = train(None, run, resume=True, log=QUIET, stop_after_steps=12)
@@ -171,7 +217,18 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus_dir, capsys):
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "lmforge", "train", str(corpus_dir), "--out", str(run), "--max-steps", "100000", *TINY_ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "train",
+        str(corpus_dir),
+        "--out",
+        str(run),
+        "--max-steps",
+        "100000",
+        *TINY_ARGS,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     for line in proc.stdout:
@@ -194,8 +251,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
 
 
 def _torchrun(nproc: int, args: list[str], tmp_path: Path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29500 + os.getpid() % 1000),
-           "-m", "lmforge", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "lmforge",
+        "train",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -205,15 +272,50 @@ def _torchrun(nproc: int, args: list[str], tmp_path: Path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, corpus_dir, parallel):
     # prepare data once so both runs read the same shards
-    base = ["--n_layer", "2", "--n_head", "2", "--d_model", "32", "--block_size", "32", "--tokenizer_vocab_size", "320",
-            "--eval_interval", "1000", "--eval_batches", "1", "--sample_tokens", "0", "--log_interval", "1", "--device", "cpu",
-            "--precision", "fp32", "--max-steps", "8", "--warmup_steps", "2", "--tokens_per_step", "512"]
+    base = [
+        "--n_layer",
+        "2",
+        "--n_head",
+        "2",
+        "--d_model",
+        "32",
+        "--block_size",
+        "32",
+        "--tokenizer_vocab_size",
+        "320",
+        "--eval_interval",
+        "1000",
+        "--eval_batches",
+        "1",
+        "--sample_tokens",
+        "0",
+        "--log_interval",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--max-steps",
+        "8",
+        "--warmup_steps",
+        "2",
+        "--tokens_per_step",
+        "512",
+    ]
     one = tmp_path / "one"
-    r = subprocess.run([sys.executable, "-m", "lmforge", "train", str(corpus_dir), "--out", str(one), *base, "--batch_size", "8"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "train", str(corpus_dir), "--out", str(one), *base, "--batch_size", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
-    out = _torchrun(2, [str(corpus_dir), "--out", str(two), *base, "--batch_size", "4", "--parallel", parallel], tmp_path)
+    out = _torchrun(
+        2, [str(corpus_dir), "--out", str(two), *base, "--batch_size", "4", "--parallel", parallel], tmp_path
+    )
     assert "2 processes" in out.stdout
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 8

@@ -48,7 +48,9 @@ class DecoderLM(nn.Module):
         if cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
         if cfg.pos == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+            self.register_buffer(
+                "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+            )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
@@ -83,14 +85,24 @@ class DecoderLM(nn.Module):
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config
         p = self.tok_emb.weight
-        return KVCache(cfg.n_layer, batch, cfg.kv_heads, cfg.head_dim, max_len, cfg.sliding_window,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            cfg.n_layer,
+            batch,
+            cfg.kv_heads,
+            cfg.head_dim,
+            max_len,
+            cfg.sliding_window,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues each row's cached tokens."""
         B, T = idx.shape
         cfg = self.config
-        limit = cfg.block_size if self.pos_emb is not None or cfg.pos == "sinusoidal" else None  # positions that have an embedding
+        limit = (
+            cfg.block_size if self.pos_emb is not None or cfg.pos == "sinusoidal" else None
+        )  # positions that have an embedding
         if cache is None:
             if limit is not None and T > limit:
                 raise ValueError(f"sequence of {T} tokens exceeds the context window ({limit})")

@@ -85,7 +85,10 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_dim) for _ in range(cfg.moe_experts))
         self.shared_expert = MLP(cfg, cfg.expert_dim) if cfg.moe_shared_expert else None
         self._last = None  # (logits, probs, wanted) of the last forward, for the auxiliary losses
-        self._stats = {True: None, False: None}  # per mode (training?): (E assignment counts, over capacity) since take_stats
+        self._stats = {
+            True: None,
+            False: None,
+        }  # per mode (training?): (E assignment counts, over capacity) since take_stats
 
     def capacity(self, n_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -155,8 +158,11 @@ class MoE(nn.Module):
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
     """{name: layer} of the MoE layers of a model, named by their block ("blocks.3")."""
-    return {name.removesuffix(".mlp").removeprefix("module.").removeprefix("_orig_mod."): m
-            for name, m in model.named_modules() if isinstance(m, MoE)}
+    return {
+        name.removesuffix(".mlp").removeprefix("module.").removeprefix("_orig_mod."): m
+        for name, m in model.named_modules()
+        if isinstance(m, MoE)
+    }
 
 
 def aux_losses(model: nn.Module) -> dict[str, tuple[float, torch.Tensor]]:
@@ -167,8 +173,10 @@ def aux_losses(model: nn.Module) -> dict[str, tuple[float, torch.Tensor]]:
     layers = [m for m in moe_layers(model).values() if m._last is not None]
     if not layers:
         return {}
-    return {"moe_balance": (layers[0].aux_loss_coef, torch.stack([m.balance_loss() for m in layers]).mean()),
-            "moe_z": (layers[0].z_loss_coef, torch.stack([m.z_loss() for m in layers]).mean())}
+    return {
+        "moe_balance": (layers[0].aux_loss_coef, torch.stack([m.balance_loss() for m in layers]).mean()),
+        "moe_z": (layers[0].z_loss_coef, torch.stack([m.z_loss() for m in layers]).mean()),
+    }
 
 
 def routing_stats(model: nn.Module, training: bool) -> dict[str, dict]:
@@ -201,7 +209,9 @@ def training_metrics(model, aux_sums: dict) -> dict:
 
 def describe(metrics: dict) -> str:
     """' | balance 1.02 | z 3.41 | dropped 0.8% | busiest expert 19%' (empty for a dense model)."""
-    parts = [f"{name} {metrics[key]:.3g}" for key, name in (("moe_balance", "balance"), ("moe_z", "z")) if key in metrics]
+    parts = [
+        f"{name} {metrics[key]:.3g}" for key, name in (("moe_balance", "balance"), ("moe_z", "z")) if key in metrics
+    ]
     routing = metrics.get("moe_routing")
     if routing:
         drop = sum(r["drop_rate"] for r in routing.values()) / len(routing)
@@ -215,6 +225,10 @@ def routing_table(routing: dict[str, dict], capacity_factor: float | None) -> li
     lines = []
     for name, r in routing.items():
         load = " ".join(f"{100 * x:4.1f}" for x in r["load"])
-        cap = f"beyond capacity {100 * r['drop_rate']:.2f}% (factor {capacity_factor})" if capacity_factor else "no capacity limit"
+        cap = (
+            f"beyond capacity {100 * r['drop_rate']:.2f}% (factor {capacity_factor})"
+            if capacity_factor
+            else "no capacity limit"
+        )
         lines.append(f"{name}: expert load % [{load}] | {cap}")
     return lines

@@ -117,7 +117,9 @@ class DecoderLayer(nn.Module):
 class Seq2SeqCache:
     """What decoding a batch keeps between steps."""
 
-    memory_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: cross-attention keys, values (B, n_head, S, head_dim)
+    memory_kv: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per decoder layer: cross-attention keys, values (B, n_head, S, head_dim)
     memory_mask: torch.Tensor | None  # (B, 1, 1, S) True at real source tokens, or None when there is no padding
     self_attn: KVCache  # decoder self-attention keys/values, one slot per target position
 
@@ -155,8 +157,14 @@ class Seq2SeqTransformer(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        std = self.config.d_model ** -0.5
-        for m in (self.src_emb, self.tgt_emb, self.lm_head, getattr(self, "src_pos", None), getattr(self, "tgt_pos", None)):
+        std = self.config.d_model**-0.5
+        for m in (
+            self.src_emb,
+            self.tgt_emb,
+            self.lm_head,
+            getattr(self, "src_pos", None),
+            getattr(self, "tgt_pos", None),
+        ):
             if m is not None:
                 nn.init.normal_(m.weight, mean=0.0, std=std)
 
@@ -193,11 +201,25 @@ class Seq2SeqTransformer(nn.Module):
     def new_cache(self, memory: torch.Tensor, src_mask: torch.Tensor | None, max_len: int) -> Seq2SeqCache:
         """Decoding state for a batch: cross-attention keys/values computed once, room for max_len target positions."""
         cfg, B = self.config, memory.shape[0]
-        self_attn = KVCache(cfg.n_decoder_layer, B, cfg.n_head, cfg.head_dim, min(max_len, cfg.max_len), device=memory.device, dtype=memory.dtype)
+        self_attn = KVCache(
+            cfg.n_decoder_layer,
+            B,
+            cfg.n_head,
+            cfg.head_dim,
+            min(max_len, cfg.max_len),
+            device=memory.device,
+            dtype=memory.dtype,
+        )
         return Seq2SeqCache(self.memory_keys_values(memory), _key_mask(src_mask), self_attn)
 
-    def decode(self, tgt: torch.Tensor, memory: torch.Tensor | None = None, src_mask: torch.Tensor | None = None,
-               tgt_mask: torch.Tensor | None = None, cache: Seq2SeqCache | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        src_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
+        cache: Seq2SeqCache | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, tgt_vocab) for target ids (B, T) given the memory, or given a cache (then tgt continues
         the cached positions and memory/src_mask come from the cache). tgt_mask (B, T): True at real tokens."""
         start = 0

@@ -36,14 +36,16 @@ from collections import deque
 from pathlib import Path
 from typing import Literal, Union
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import LmforgeError
-from .generation import Engine, Output, Request, SamplingParams, TokenLogprob
+from ..errors import LmforgeError
+from .engine import Engine, Output, Request, TokenLogprob
+from .sampling import SamplingParams
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes
 PLAIN_CHAT_STOP = ["\nUser:", "\nSystem:"]
@@ -53,8 +55,14 @@ PLAIN_CHAT_STOP = ["\nUser:", "\nSystem:"]
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -81,8 +89,12 @@ class _Sampling(_Body):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="extension: keep the k most likely tokens (0 or -1 = off)")
-    min_p: float | None = Field(None, ge=0, le=1, description="extension: drop tokens below min_p x the top probability")
-    repetition_penalty: float | None = Field(None, gt=0, description="extension: CTRL-style penalty on tokens seen before")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="extension: drop tokens below min_p x the top probability"
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="extension: CTRL-style penalty on tokens seen before"
+    )
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
@@ -138,7 +150,9 @@ def load_chat_template(run_dir: str | Path | None) -> str | None:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise LmforgeError(f"cannot read {cfg}: {e}") from None
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+            template = next(
+                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+            )
         return template if isinstance(template, str) else None
     return None
 
@@ -158,8 +172,9 @@ def render_chat(messages: list[dict], template: str | None, tokenizer) -> tuple[
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     try:
-        text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token="", eos_token=tokenizer.eos_token)
+        text = env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token="", eos_token=tokenizer.eos_token
+        )
     except TemplateError as e:
         raise APIError(400, f"chat template: {e}", "messages") from None
     return text, []
@@ -238,7 +253,11 @@ class Worker:
                     for r in job.reqs if job else []:
                         self.cancelled_rows += self.engine.cancel(r.request_id)
                 group: list[Request] = []  # rows that arrived together are prefilled together
-                while self.waiting and len(group) < self.engine.free and self.engine.fits_together(group + [self.waiting[0]]):
+                while (
+                    self.waiting
+                    and len(group) < self.engine.free
+                    and self.engine.fits_together(group + [self.waiting[0]])
+                ):
                     group.append(self.waiting.popleft())
             if group:
                 try:
@@ -313,8 +332,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 16,
-               chat_template: str | None = None, max_body: int = DEFAULT_MAX_BODY, compile: bool = False) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    chat_template: str | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    compile: bool = False,
+) -> FastAPI:
     """The FastAPI application serving `model`; the decode thread starts and stops with the app."""
     engine = Engine(model, tokenizer, max_batch=max_batch, compile=compile)
     worker = Worker(engine)
@@ -326,8 +353,12 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         yield
         worker.stop()
 
-    app = FastAPI(title="lmforge", version="1", lifespan=lifespan,
-                  description="OpenAI-compatible completions and chat over an lmforge run.")
+    app = FastAPI(
+        title="lmforge",
+        version="1",
+        lifespan=lifespan,
+        description="OpenAI-compatible completions and chat over an lmforge run.",
+    )
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=max_body)
 
@@ -344,12 +375,16 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         if err.get("type") == "model_attributes_type" or not loc:
             return error_response(400, f"request body must be a JSON object: {err['msg']}", None)
         # drop pydantic's union-branch names (e.g. "str", "list[int]") from the field path
-        path = ".".join(x for x in loc if not (x.startswith(("str", "list", "dict", "int")) or x in ("function-after",)))
+        path = ".".join(
+            x for x in loc if not (x.startswith(("str", "list", "dict", "int")) or x in ("function-after",))
+        )
         return error_response(400, f"{path or loc[0]}: {err['msg']}", path or loc[0])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), None, None, "invalid_request_error" if e.status_code < 500 else "server_error")
+        return error_response(
+            e.status_code, str(e.detail), None, None, "invalid_request_error" if e.status_code < 500 else "server_error"
+        )
 
     def check_auth(request: HTTPRequest):
         if api_key is None:
@@ -357,36 +392,68 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key"
+            )
 
     def check_model(name: str):
         if name != model_name:
-            raise APIError(400, f"model {name!r} not found; this server serves {model_name!r}", "model", "model_not_found")
+            raise APIError(
+                400, f"model {name!r} not found; this server serves {model_name!r}", "model", "model_not_found"
+            )
 
-    def sampling(body: _Sampling, max_tokens: int | None, prompt_len: int, default_max: int | None, extra_stop: list[str], logprobs: int | None):
+    def sampling(
+        body: _Sampling,
+        max_tokens: int | None,
+        prompt_len: int,
+        default_max: int | None,
+        extra_stop: list[str],
+        logprobs: int | None,
+    ):
         if body.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if prompt_len >= context:
-            raise APIError(400, f"prompt is {prompt_len} tokens; this model's context is {context} tokens", "messages" if extra_stop else "prompt", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"prompt is {prompt_len} tokens; this model's context is {context} tokens",
+                "messages" if extra_stop else "prompt",
+                "context_length_exceeded",
+            )
         room = context - prompt_len
         if max_tokens is None:
             max_tokens = room if default_max is None else min(default_max, room)
         elif prompt_len + max_tokens > context:
-            raise APIError(400, f"this model's context is {context} tokens, but {prompt_len} prompt tokens + max_tokens {max_tokens} "
-                           f"= {prompt_len + max_tokens}", "max_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {context} tokens, but {prompt_len} prompt tokens + max_tokens {max_tokens} "
+                f"= {prompt_len + max_tokens}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stop) or len(stop) > 16:
             raise APIError(400, "stop must be up to 16 non-empty strings", "stop")
         top_k = body.top_k if body.top_k and body.top_k > 0 else None
         return SamplingParams(
-            max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-            top_k=top_k, top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty or 1.0,
-            frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-            seed=body.seed, stop=stop + extra_stop, logprobs=logprobs, ignore_eos=body.ignore_eos)
+            max_new_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            seed=body.seed,
+            stop=stop + extra_stop,
+            logprobs=logprobs,
+            ignore_eos=body.ignore_eos,
+        )
 
     def make_rows(prompts: list[list[int]], n: int, params_for, seed: int | None) -> list[Request]:
         if len(prompts) * n > engine.max_batch:
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} exceeds this server's batch of {engine.max_batch}", "n")
+            raise APIError(
+                400, f"{len(prompts)} prompt(s) x n={n} exceeds this server's batch of {engine.max_batch}", "n"
+            )
         reqs = []
         for ids in prompts:
             for i in range(n):
@@ -423,7 +490,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     def usage(job: Job, completion_tokens: int) -> dict:
         prompt = sum(len(r.prompt_ids) for i, r in enumerate(job.reqs) if i % job.n == 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        }
 
     def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
         tokens = [token_text(e.token_id) for e in entries]
@@ -431,17 +502,27 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries], "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
     def chat_logprobs(entries: list[TokenLogprob]) -> dict:
         def item(i, lp):
             t = token_text(i)
             return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-        return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]}
+
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries
+            ]
+        }
 
     def stream(job: Job, request: HTTPRequest, chunk, final_usage: bool):
         """SSE response: one `data: {...}` event per piece, then `data: [DONE]`; a client leaving frees its rows."""
+
         async def events():
             completion_tokens = 0
             try:
@@ -450,7 +531,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                 while job.open:
                     out = await job.outputs.get()
                     if isinstance(out, Exception):
-                        err = {"error": {"message": f"generation failed: {out}", "type": "server_error", "param": None, "code": None}}
+                        err = {
+                            "error": {
+                                "message": f"generation failed: {out}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
                         yield f"data: {json.dumps(err)}\n\n"
                         break
                     completion_tokens += len(out.token_ids)
@@ -477,7 +565,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         check_auth(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}],
+        }
 
     @app.get("/v1/models/{name}")
     async def model_info(name: str, request: HTTPRequest):
@@ -490,7 +581,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     async def completions(body: CompletionRequest, request: HTTPRequest):
         check_auth(request)
         check_model(body.model)
-        for name, bad in (("echo", body.echo), ("suffix", body.suffix), ("best_of", body.best_of not in (None, body.n))):
+        for name, bad in (
+            ("echo", body.echo),
+            ("suffix", body.suffix),
+            ("best_of", body.best_of not in (None, body.n)),
+        ):
             if bad:
                 raise APIError(400, f"{name} is not supported", name)
         p = body.prompt
@@ -508,7 +603,9 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             if not t or any(not 0 <= i < engine.vocab for i in t):
                 raise APIError(400, f"prompt token ids must be in [0, {engine.vocab}) and not empty", "prompt")
             ids.append(t)
-        reqs = make_rows(ids, body.n, lambda t: sampling(body, body.max_tokens, len(t), 16, [], body.logprobs), body.seed)
+        reqs = make_rows(
+            ids, body.n, lambda t: sampling(body, body.max_tokens, len(t), 16, [], body.logprobs), body.seed
+        )
         job = Job(reqs, body.n, asyncio.get_running_loop())
         rid = "cmpl-" + job.id
         now = int(time.time())
@@ -521,20 +618,49 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                 if first:
                     return []
                 if usage is not None:
-                    return [{"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": [], "usage": usage}]
+                    return [
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": now,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    ]
                 i = out.request_id[1]
                 lp = completion_logprobs(out.logprobs, offsets[i]) if body.logprobs is not None else None
                 offsets[i] += len(out.text)
-                return [{"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                         "choices": [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}]}]
+                return [
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": now,
+                        "model": model_name,
+                        "choices": [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}],
+                    }
+                ]
 
             return stream(job, request, chunk, bool(body.stream_options and body.stream_options.include_usage))
 
         results = await run_job(job, request)
-        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
-                    "logprobs": completion_logprobs(r["logprobs"], 0) if body.logprobs is not None else None} for i, r in results.items()]
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
-                "usage": usage(job, sum(r["tokens"] for r in results.values()))}
+        choices = [
+            {
+                "index": i,
+                "text": r["text"],
+                "finish_reason": r["finish_reason"],
+                "logprobs": completion_logprobs(r["logprobs"], 0) if body.logprobs is not None else None,
+            }
+            for i, r in results.items()
+        ]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(job, sum(r["tokens"] for r in results.values())),
+        }
 
     @app.post("/v1/chat/completions", responses={400: {"description": "invalid request (OpenAI-style error body)"}})
     async def chat(body: ChatRequest, request: HTTPRequest):
@@ -550,48 +676,106 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         ids = tokenizer.encode(text)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = make_rows([ids], body.n, lambda t: sampling(body, max_tokens, len(t), None, extra_stop, logprobs), body.seed)
+        reqs = make_rows(
+            [ids], body.n, lambda t: sampling(body, max_tokens, len(t), None, extra_stop, logprobs), body.seed
+        )
         job = Job(reqs, body.n, asyncio.get_running_loop())
         rid = "chatcmpl-" + job.id
         now = int(time.time())
         worker.submit(job)
 
         if body.stream:
+
             def chunk(out: Output | None, first=False, usage=None):
                 base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
                 if first:
-                    return [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
-                            for i in range(len(reqs))]
+                    return [
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                        for i in range(len(reqs))
+                    ]
                 if usage is not None:
                     return [{**base, "choices": [], "usage": usage}]
                 delta = {"content": out.text} if out.text else {}
                 lp = chat_logprobs(out.logprobs) if body.logprobs else None
-                return [{**base, "choices": [{"index": out.request_id[1], "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]}]
+                return [
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": out.request_id[1],
+                                "delta": delta,
+                                "logprobs": lp,
+                                "finish_reason": out.finish_reason,
+                            }
+                        ],
+                    }
+                ]
 
             return stream(job, request, chunk, bool(body.stream_options and body.stream_options.include_usage))
 
         results = await run_job(job, request)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"],
-                    "logprobs": chat_logprobs(r["logprobs"]) if body.logprobs else None} for i, r in results.items()]
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
-                "usage": usage(job, sum(r["tokens"] for r in results.values()))}
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r["text"]},
+                "finish_reason": r["finish_reason"],
+                "logprobs": chat_logprobs(r["logprobs"]) if body.logprobs else None,
+            }
+            for i, r in results.items()
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(job, sum(r["tokens"] for r in results.values())),
+        }
 
     return app
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
-          max_batch: int = 16, device: str = "cpu", quantize: str | None = None, compile: bool = False, log_level: str = "info") -> None:
+def serve(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_batch: int = 16,
+    device: str = "cpu",
+    quantize: str | None = None,
+    compile: bool = False,
+    log_level: str = "info",
+) -> None:
     """Load a run and serve it until interrupted."""
     import uvicorn
 
-    from .packing import pack_for_inference
-    from .runs import load
+    from ..runs import load
+    from .quantize import pack_for_inference
 
     model, tokenizer = load(run_dir, device=device)
     if not compile:  # compiling packs the weights itself
         pack_for_inference(model, quantize)
     name = model_name or Path(run_dir).resolve().name
-    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, chat_template=load_chat_template(run_dir), compile=compile)
+    app = create_app(
+        model,
+        tokenizer,
+        name,
+        api_key=api_key,
+        max_batch=max_batch,
+        chat_template=load_chat_template(run_dir),
+        compile=compile,
+    )
     auth = "API key required" if api_key else "no API key"
     print(f"serving {name} on http://{host}:{port}/v1 ({auth}; max batch {max_batch}; docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

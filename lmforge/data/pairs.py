@@ -13,14 +13,14 @@ import datetime
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .errors import LmforgeError
+from ..errors import LmforgeError
 from .tokenizer import Tokenizer
 
 Pair = tuple[str, str]
@@ -56,13 +56,17 @@ def read_pairs(path: str | Path) -> list[Pair]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not (isinstance(obj, dict) and isinstance(obj.get("source"), str) and isinstance(obj.get("target"), str)):
+            if not (
+                isinstance(obj, dict) and isinstance(obj.get("source"), str) and isinstance(obj.get("target"), str)
+            ):
                 raise LmforgeError(f'{path}:{n}: expected an object with string fields "source" and "target"')
             pairs.append((obj["source"], obj["target"]))
         else:
             fields = line.split("\t")
             if len(fields) != 2:
-                raise LmforgeError(f"{path}:{n}: expected source<TAB>target, found {len(fields)} tab-separated field(s)")
+                raise LmforgeError(
+                    f"{path}:{n}: expected source<TAB>target, found {len(fields)} tab-separated field(s)"
+                )
             pairs.append((fields[0], fields[1]))
     if not pairs:
         raise LmforgeError(f"no pairs in {path}")
@@ -99,8 +103,10 @@ def file_fingerprint(path: str | Path) -> str:
 
 # --- demo tasks -----------------------------------------------------------------------------------
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-         "seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen"
+).split()
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 _MONTHS = "January February March April May June July August September October November December".split()
 
@@ -146,8 +152,14 @@ def _spell(rng: random.Random) -> Pair:
 def _dates(rng: random.Random) -> Pair:
     d = datetime.date(1900, 1, 1) + datetime.timedelta(days=rng.randrange(73049))  # 1900-01-01 .. 2099-12-31
     month = _MONTHS[d.month - 1]
-    source = rng.choice([f"{month} {d.day}, {d.year}", f"{d.day} {month} {d.year}", f"{month[:3]} {d.day} {d.year}",
-                         f"{d.month:02d}/{d.day:02d}/{d.year}"])
+    source = rng.choice(
+        [
+            f"{month} {d.day}, {d.year}",
+            f"{d.day} {month} {d.year}",
+            f"{month[:3]} {d.day} {d.year}",
+            f"{d.month:02d}/{d.day:02d}/{d.year}",
+        ]
+    )
     return source, d.isoformat()
 
 
@@ -182,13 +194,16 @@ class Demo:
         return _demo_splits(self.name)[split]
 
 
-DEMOS = {d.name: d for d in [
-    Demo("numbers", "spelled-out English numbers to digits: 'four hundred two' -> '402'", _numbers, 150_000),
-    Demo("spell", "digits to spelled-out English numbers: '402' -> 'four hundred two'", _spell, 150_000),
-    Demo("dates", "dates in four formats to ISO: 'March 5, 2021' -> '2021-03-05'", _dates, 60_000),
-    Demo("reverse", "reverse a sequence of letters: 'k f a' -> 'a f k'", _reverse, 60_000),
-    Demo("sort", "sort a sequence of letters: 'k f a' -> 'a f k'", _sort, 60_000),
-]}
+DEMOS = {
+    d.name: d
+    for d in [
+        Demo("numbers", "spelled-out English numbers to digits: 'four hundred two' -> '402'", _numbers, 150_000),
+        Demo("spell", "digits to spelled-out English numbers: '402' -> 'four hundred two'", _spell, 150_000),
+        Demo("dates", "dates in four formats to ISO: 'March 5, 2021' -> '2021-03-05'", _dates, 60_000),
+        Demo("reverse", "reverse a sequence of letters: 'k f a' -> 'a f k'", _reverse, 60_000),
+        Demo("sort", "sort a sequence of letters: 'k f a' -> 'a f k'", _sort, 60_000),
+    ]
+}
 
 
 def demo(name: str) -> Demo:
@@ -197,7 +212,7 @@ def demo(name: str) -> Demo:
     return DEMOS[name]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _demo_splits(name: str) -> dict[str, list[Pair]]:
     d = DEMOS[name]
     rng = random.Random(f"lmforge-demo-{name}")
@@ -229,8 +244,11 @@ class PairTokenizer:
         self.src_eos_id = source.eos_id
 
     @classmethod
-    def train(cls, pairs: list[Pair], vocab_size: int, shared: bool = True, split_digits: bool = False) -> "PairTokenizer":
+    def train(
+        cls, pairs: list[Pair], vocab_size: int, shared: bool = True, split_digits: bool = False
+    ) -> PairTokenizer:
         """Byte-level BPE tokenizer(s) learnt from the pairs, with the BOS and PAD special tokens."""
+
         def learn(texts):
             return Tokenizer.train(texts, vocab_size, [BOS, PAD], split_digits)
 
@@ -245,7 +263,7 @@ class PairTokenizer:
             self.source.save(Path(run_dir) / SOURCE_TOKENIZER)
 
     @classmethod
-    def load(cls, run_dir: str | Path, shared: bool) -> "PairTokenizer":
+    def load(cls, run_dir: str | Path, shared: bool) -> PairTokenizer:
         target = Tokenizer.from_file(Path(run_dir) / TARGET_TOKENIZER)
         return cls(target if shared else Tokenizer.from_file(Path(run_dir) / SOURCE_TOKENIZER), target)
 
@@ -268,7 +286,9 @@ def _special_id(tok: Tokenizer, token: str) -> int:
     return i
 
 
-def encode_pairs(pairs: list[Pair], tok: PairTokenizer, max_len: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
+def encode_pairs(
+    pairs: list[Pair], tok: PairTokenizer, max_len: int
+) -> tuple[list[list[int]], list[list[int]], list[int]]:
     """(source ids, target ids, kept indices): pairs whose source or target (with BOS/EOS) exceeds max_len are left out."""
     src = tok.encode_sources([s for s, _ in pairs])
     tgt = tok.encode_targets([t for _, t in pairs])
@@ -291,8 +311,13 @@ class PairBatch:
     def target_tokens(self) -> int:
         return int(self.tgt_mask.sum())
 
-    def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device, non_blocking=True) for t in (self.src, self.src_mask, self.tgt_in, self.labels, self.tgt_mask)))
+    def to(self, device) -> PairBatch:
+        return PairBatch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.src, self.src_mask, self.tgt_in, self.labels, self.tgt_mask)
+            )
+        )
 
 
 def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,4 +359,4 @@ class PairData:
     def batch(self, batch_size: int, generator: torch.Generator) -> PairBatch:
         n = min(batch_size, len(self))
         start = int(torch.randint(0, len(self) - n + 1, (1,), generator=generator))
-        return collate(self.src[start: start + n], self.tgt[start: start + n], self.tok)
+        return collate(self.src[start : start + n], self.tgt[start : start + n], self.tok)

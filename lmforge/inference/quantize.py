@@ -23,15 +23,18 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .errors import LmforgeError
+from ..errors import LmforgeError
 
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 PACK_MIN_WEIGHTS = 1 << 19  # fp32 packing skips layers smaller than this (768 x 768 is packed, 192 x 576 is not)
 
 
 def _mkldnn_ok() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 class PackedLinear(nn.Module):
@@ -40,7 +43,9 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype=torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype).contiguous(), 1)  # batch-size hint 1: decode
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            linear.weight.detach().to(dtype).contiguous(), 1
+        )  # batch-size hint 1: decode
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
 
     @torch.compiler.disable  # an opaque oneDNN tensor: torch.compile runs this layer as it is
@@ -76,7 +81,9 @@ class DynamicInt8Linear(nn.Module):
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).double()
         with warnings.catch_warnings():  # deprecated in PyTorch; the check in pack_for_inference guards their removal
             warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), axis=0, dtype=torch.qint8)
+            q = torch.quantize_per_channel(
+                w, scale, torch.zeros(w.shape[0], dtype=torch.long), axis=0, dtype=torch.qint8
+            )
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(q, bias)
 
@@ -97,10 +104,14 @@ def pack_for_inference(model: nn.Module, quantize: str | None = "none") -> nn.Mo
     if not on_cpu or not _mkldnn_ok():
         if quantize == "none":
             return model
-        raise LmforgeError(f"--quantize {quantize} is for CPU inference (this model is on {next(model.parameters()).device})")
+        raise LmforgeError(
+            f"--quantize {quantize} is for CPU inference (this model is on {next(model.parameters()).device})"
+        )
     if quantize == "int8" and not hasattr(torch, "_weight_int8pack_mm"):
         raise LmforgeError("this PyTorch build has no int8 weight-only matmul (torch._weight_int8pack_mm)")
-    if quantize == "int8-dynamic" and not (hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "quantize_per_channel")):
+    if quantize == "int8-dynamic" and not (
+        hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "quantize_per_channel")
+    ):
         raise LmforgeError("this PyTorch build has no dynamic int8 matmul (torch.ops.quantized.linear_dynamic)")
     make = {
         "none": lambda lin: PackedLinear(lin, torch.float32),
@@ -110,8 +121,12 @@ def pack_for_inference(model: nn.Module, quantize: str | None = "none") -> nn.Mo
     }[quantize]
     # Packing pays off when a layer streams its weights from memory; a small one that stays in cache is faster as it is.
     smallest = PACK_MIN_WEIGHTS if quantize == "none" else 0
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.numel() >= smallest]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.numel() >= smallest
+    ]
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, make(child))

@@ -8,10 +8,8 @@ for encoder–decoder models.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -19,228 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from . import data as datamod
+from ..config import Config
+from ..errors import LmforgeError
+from ..io import write_text_atomic
+from ..models import build_model, moe
+from ..runs import METRICS, WEIGHTS, load_config, save_config
 from .checkpoint import load_latest, save_checkpoint
-from .config import Config
 from .distributed import any_rank, barrier, init_distributed, mean_across_ranks, shutdown, wrap_model
-from .errors import LmforgeError
-from .generation import generate
-from .io import write_json_atomic
-from .models import build_model
-from .models import moe
-from .optim import build_optimizers
-from .perf import choose_precision, cpu_has_native_bf16, flops_per_token, peak_flops
-from .runs import METRICS, TOKENIZER, WEIGHTS, load_config, save_config
-from .tokenizer import Tokenizer
-
-TOKENIZER_SAMPLE_CHARS = 50_000_000  # text used to learn the BPE merges (the whole default corpus fits)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise LmforgeError("device cuda requested but CUDA is not available")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise LmforgeError("device mps requested but MPS is not available")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def round_up(n: int, multiple: int = 64) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-# --- data for a run -------------------------------------------------------------------------------
-
-
-def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tokenizer]:
-    """Return (shard directory, tokenizer) for DATA.
-
-    DATA may be a directory of prepared shards (with its tokenizer.json), or raw text
-    (file, directory, glob, or None for the default corpus): then a tokenizer is trained and
-    shards prepared under cache_root/<fingerprint>/, reused while the inputs are unchanged.
-    """
-    if spec is not None and Path(str(spec)).is_dir() and datamod.shard_paths(spec, "train"):
-        tok_path = Path(spec) / TOKENIZER
-        if not tok_path.is_file():
-            raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
-        return Path(spec), Tokenizer.from_file(tok_path)
-    files = datamod.discover(spec)
-    key_parts = [datamod.corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]
-    if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
-        key_parts.append("split_digits")
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
-    cache = cache_root / f"data-{key}"
-    done = cache / "done.json"
-    if done.is_file() and (cache / TOKENIZER).is_file():
-        log(f"data: reusing tokenizer and shards in {cache}")
-        return cache, Tokenizer.from_file(cache / TOKENIZER)
-    name = "the Python standard library" if spec is None else str(spec)
-    log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
-    t0 = time.time()
-    tok = Tokenizer.train(datamod.text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size, split_digits=train_cfg.split_digits)
-    if tok.vocab_size <= 257:
-        raise LmforgeError(f"no usable text in {name}")
-    cache.mkdir(parents=True, exist_ok=True)
-    tok.save(cache / TOKENIZER)
-    log(f"data: tokenizer ready ({tok.vocab_size} tokens, {time.time() - t0:.1f}s); writing shards")
-    stats = datamod.prepare(spec, tok, cache, val_fraction=train_cfg.val_fraction, progress=sys.stderr.isatty())
-    write_json_atomic(done, {"train_tokens": stats.train_tokens, "val_tokens": stats.val_tokens, "documents": stats.documents, "bytes": stats.bytes})
-    log(f"data: {stats.documents} documents, {stats.bytes / 1e6:.1f} MB -> {stats.train_tokens:,} train + {stats.val_tokens:,} val tokens ({time.time() - t0:.1f}s)")
-    return cache, tok
-
-
-# --- optimisation ---------------------------------------------------------------------------------
-
-
-def lr_factor(cfg, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio as progress goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    progress = min(max(progress, 0.0), 1.0)
-    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def lr_at(cfg, step: int, progress: float) -> float:
-    return cfg.lr * lr_factor(cfg, step, progress)
-
-
-def lm_loss(model, x, y, reduction: str = "mean", label_smoothing: float = 0.0):
-    logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction, label_smoothing=label_smoothing)
-
-
-@torch.no_grad()
-def evaluate(model, data: datamod.TokenData, batch_size: int, seq_len: int, batches: int, byte_lengths: torch.Tensor | None,
-             device, autocast=contextlib.nullcontext) -> dict:
-    """Mean loss, perplexity and bits per byte on fixed windows (same windows at every call)."""
-    was_training = model.training
-    model.eval()
-    seq_len = min(seq_len, int(max(data.lengths)) - 1)
-    gen = torch.Generator().manual_seed(1234)
-    nats, count, nbytes = 0.0, 0, 0
-    moe.routing_stats(model, training=False)  # MoE layers: count the routing of these batches only
-    for _ in range(batches):
-        x, y = data.batch(batch_size, seq_len, gen)
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            nats += lm_loss(model, x, y, reduction="sum").item()
-        count += y.numel()
-        if byte_lengths is not None:
-            nbytes += int(byte_lengths[y.cpu()].sum())
-    model.train(was_training)
-    loss = nats / count
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-    if nbytes:
-        out["val_bpb"] = nats / math.log(2) / nbytes
-    if routing := moe.routing_stats(model, training=False):
-        out["val_moe_routing"] = routing
-    return out
-
-
-def autocast_for(device: torch.device, precision: str):
-    """A context-manager factory: autocast to bf16/fp16, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --- tasks: what the loop trains on ----------------------------------------------------------------
-
-
-class LMTask:
-    """Next-token prediction on token shards: the decoder-only language model.
-
-    Under data parallelism (rank, world) each process reads its own share of every batch.
-    """
-
-    def __init__(self, cfg: Config, run_dir: Path, data, resume: bool, cache_root: str | Path | None, log=print,
-                 dist_info=None):
-        self.cfg, self.data = cfg, data
-        self.rank, self.world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
-        if resume:
-            self.tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
-            shard_dir = Path(json.loads((run_dir / "data.json").read_text())["shards"]) if (run_dir / "data.json").is_file() else None
-            if shard_dir is None or not shard_dir.is_dir():
-                raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
-        else:
-            cache = Path(cache_root) if cache_root else run_dir.parent / "cache"
-            if self.rank == 0:
-                shard_dir, self.tokenizer = ensure_data(data, cfg.train, cache, log)
-            if dist_info is not None:
-                barrier(dist_info)
-            if self.rank != 0:  # the data is ready now; other ranks just open it
-                shard_dir, self.tokenizer = ensure_data(data, cfg.train, cache, lambda *_: None)
-            cfg.model.vocab_size = round_up(self.tokenizer.vocab_size)
-        self.shard_dir = shard_dir
-        tc = cfg.train
-        self.seq_len = seq_len = tc.seq_len or cfg.model.block_size
-        if seq_len > cfg.model.block_size:
-            raise LmforgeError(f"seq_len {seq_len} exceeds the model's block_size {cfg.model.block_size}")
-        self.train_data = datamod.TokenData(shard_dir, "train")
-        self.val_data = datamod.TokenData(shard_dir, "val")
-        self.train_data.check(seq_len, cfg.model.vocab_size)
-        if self.val_data.total < 2:
-            raise LmforgeError(f"validation split in {shard_dir} is empty")
-        self.micro_tokens = tc.batch_size * seq_len * self.world  # tokens per micro-step, all ranks together
-        self.byte_lengths = torch.tensor(self.tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - self.tokenizer.vocab_size))
-
-    def save_files(self, run_dir: Path) -> None:
-        shard_dir = self.shard_dir
-        shutil.copyfile(shard_dir / TOKENIZER, run_dir / TOKENIZER) if (shard_dir / TOKENIZER).is_file() else self.tokenizer.save(run_dir / TOKENIZER)
-        write_json_atomic(run_dir / "data.json", {"shards": str(shard_dir.resolve()), "data": None if self.data is None else str(self.data)})
-
-    def describe(self, model, accum: int) -> list[str]:
-        cfg, tc = self.cfg, self.cfg.train
-        ranks = f" x {self.world} ranks" if self.world > 1 else ""
-        return [f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
-                f"{cfg.model.n_layer} layers, d_model {cfg.model.d_model}, context {cfg.model.block_size}",
-                f"train: {self.train_data.total:,} tokens; {accum * self.micro_tokens:,} tokens per step "
-                f"({tc.batch_size} x {self.seq_len}{ranks} x {accum} accumulation)"]
-
-    def flops_per_token(self) -> float | None:
-        return flops_per_token(self.cfg.model, self.seq_len)
-
-    def batch(self, generator: torch.Generator, device):
-        """((x, y) on device, number of predicted tokens across all ranks)."""
-        x, y = self.train_data.batch(self.cfg.train.batch_size, self.seq_len, generator, self.rank, self.world)
-        return (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel() * self.world
-
-    def loss(self, model, batch):
-        return lm_loss(model, *batch, label_smoothing=self.cfg.train.label_smoothing)
-
-    def evaluate(self, model, device, autocast=contextlib.nullcontext, forward=None) -> dict:
-        """Validation metrics; `forward` is the wrapped/compiled model to run, when there is one."""
-        tc = self.cfg.train
-        return evaluate(forward or model, self.val_data, tc.batch_size, self.seq_len, tc.eval_batches, self.byte_lengths, device, autocast)
-
-    def format_eval(self, res: dict) -> str:
-        bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
-        return f"val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}"
-
-    def sample(self, model, step: int) -> str:
-        tc = self.cfg.train
-        return generate(model, self.tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=step)
-
-
-def make_task(cfg: Config, run_dir: Path, data, resume: bool, cache_root, log, dist_info=None):
-    """The task object for cfg's model family (see LMTask for what a task provides)."""
-    if cfg.family == "seq2seq":
-        if dist_info is not None and dist_info.enabled:
-            raise LmforgeError("seq2seq training runs in one process for now (no torchrun)")
-        from .seq2seq import Seq2SeqTask
-
-        return Seq2SeqTask(cfg, run_dir, data, resume, log)
-    return LMTask(cfg, run_dir, data, resume, cache_root, log, dist_info)
-
-
-# --- the run --------------------------------------------------------------------------------------
+from .optim import build_optimizers, lr_factor
+from .precision import autocast_for, choose_precision, cpu_has_native_bf16, peak_flops, pick_device
+from .tasks import make_task
 
 
 @dataclass
@@ -305,7 +92,9 @@ class _Metrics:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
-                log("warning: --tensorboard needs the tensorboard package (pip install tensorboard); writing metrics.jsonl only")
+                log(
+                    "warning: --tensorboard needs the tensorboard package (pip install tensorboard); writing metrics.jsonl only"
+                )
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -321,8 +110,15 @@ class _Metrics:
             self.tb.close()
 
 
-def train(cfg: Config, run_dir: str | Path, data=None, resume: bool = False, cache_root: str | Path | None = None,
-          stop_after_steps: int | None = None, log=print) -> RunResult:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    data=None,
+    resume: bool = False,
+    cache_root: str | Path | None = None,
+    stop_after_steps: int | None = None,
+    log=print,
+) -> RunResult:
     """Train (or resume) a run in run_dir on data (None = the default corpus).
 
     The model family comes from cfg (a decoder LM on text, or seq2seq on a pairs file or `pairs.Demo`).
@@ -349,7 +145,9 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
         cfg = load_config(run_dir)
     else:
         if (run_dir / WEIGHTS).exists():
-            raise LmforgeError(f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run")
+            raise LmforgeError(
+                f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run"
+            )
         cfg.validate()
     task = make_task(cfg, run_dir, data, resume, cache_root, log, dist_info)
     tc = cfg.train
@@ -400,8 +198,11 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
     peak = peak_flops(device, precision) if flops_tok else None
     metrics = _Metrics(run_dir, main, tc.tensorboard, log)
     model_line, train_line = task.describe(model, accum)
-    log(f"{model_line}; device {device}, {precision}"
-        + (f", {dist_info.world} processes ({tc.parallel})" if dist_info.enabled else "") + (", compiled" if tc.compile else ""))
+    log(
+        f"{model_line}; device {device}, {precision}"
+        + (f", {dist_info.world} processes ({tc.parallel})" if dist_info.enabled else "")
+        + (", compiled" if tc.compile else "")
+    )
     log(f"{train_line}; optimizer {tc.optimizer}")
 
     def progress_of(step, tokens, elapsed):
@@ -418,9 +219,16 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
         nonlocal best
         if val_loss is not None and (best is None or val_loss < best):
             best = val_loss
-        state = {"step": step, "tokens": tokens, "elapsed": elapsed, "optimizers": [_full_optim_state(model, o, dist_info, tc) for o in optimizers],
-                 "scaler": scaler.state_dict() if scaler is not None else {}, "data_rng": data_gen.get_state(), "rng": _rng_state(),
-                 "best_val_loss": best}
+        state = {
+            "step": step,
+            "tokens": tokens,
+            "elapsed": elapsed,
+            "optimizers": [_full_optim_state(model, o, dist_info, tc) for o in optimizers],
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "data_rng": data_gen.get_state(),
+            "rng": _rng_state(),
+            "best_val_loss": best,
+        }
         full_model = _FullStateModel(model, dist_info, tc)
         if main:
             save_checkpoint(run_dir, full_model, state, keep=tc.keep_checkpoints, val_loss=val_loss)
@@ -431,7 +239,9 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
         res.update(step=step, tokens=tokens, elapsed=round(elapsed, 2))
         metrics.write(res)
         log(f"eval step {step}: {task.format_eval(res)}")
-        if tc.sample_tokens and not (dist_info.enabled and tc.parallel == "fsdp"):  # a sharded model cannot generate alone
+        if tc.sample_tokens and not (
+            dist_info.enabled and tc.parallel == "fsdp"
+        ):  # a sharded model cannot generate alone
             model.eval()
             with autocast():
                 sample = task.sample(model, step)
@@ -491,13 +301,23 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
                 eta = elapsed * (1 - p) / p if p > 0 else 0.0
                 mfu = rate * flops_tok / (peak * dist_info.world) if peak else None
                 extra = moe.training_metrics(model, aux_sums)  # router losses and expert load; {} for dense models
-                rec = {"step": step, "tokens": tokens, "loss": loss_v, "lr": tc.lr * factor, "tokens_per_s": rate, "elapsed": round(elapsed, 2)}
+                rec = {
+                    "step": step,
+                    "tokens": tokens,
+                    "loss": loss_v,
+                    "lr": tc.lr * factor,
+                    "tokens_per_s": rate,
+                    "elapsed": round(elapsed, 2),
+                }
                 if mfu is not None:
                     rec["mfu"] = mfu
                 metrics.write({**rec, **extra})
-                log(f"step {step:>6} | loss {loss_v:.4f} | lr {tc.lr * factor:.2e} | {rate:,.0f} tok/s"
-                    + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "") + f" | {100 * p:5.1f}% | ETA {_fmt_time(eta)}"
-                    + moe.describe(extra))
+                log(
+                    f"step {step:>6} | loss {loss_v:.4f} | lr {tc.lr * factor:.2e} | {rate:,.0f} tok/s"
+                    + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "")
+                    + f" | {100 * p:5.1f}% | ETA {_fmt_time(eta)}"
+                    + moe.describe(extra)
+                )
             done = progress_of(step, tokens, elapsed) >= 1.0
             if step % tc.eval_interval == 0 and not done:
                 last_eval = run_eval()
@@ -511,7 +331,9 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
             last_eval = run_eval()
         checkpoint(last_eval.get("val_loss") if not interrupted else None)
     metrics.close()
-    log(f"{'stopped' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {_fmt_time(elapsed)}; saved to {run_dir}")
+    log(
+        f"{'stopped' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {_fmt_time(elapsed)}; saved to {run_dir}"
+    )
     return RunResult(run_dir, step, tokens, elapsed, last_eval, interrupted)
 
 
@@ -559,8 +381,10 @@ def _load_optim_state(model, opt, sd, dist_info, tc):
         state = {}
         for i, st in sd["state"].items():
             p = params[int(i)]
-            state[i] = {k: distribute_tensor(v, p.device_mesh, p.placements) if hasattr(p, "device_mesh") and v.dim() > 0 else v
-                        for k, v in st.items()}
+            state[i] = {
+                k: distribute_tensor(v, p.device_mesh, p.placements) if hasattr(p, "device_mesh") and v.dim() > 0 else v
+                for k, v in st.items()
+            }
         sd = {**sd, "state": state}
     opt.load_state_dict(sd)
 
@@ -574,9 +398,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    from .io import write_text_atomic
-
+    keep = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 

@@ -16,123 +16,18 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import torch
 
-from .errors import LmforgeError
-
-
-# --- sampling -------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens for one sequence, and when to stop it."""
-
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None  # keep the k most likely tokens (None or 0 = all)
-    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p (None or 1 = all)
-    min_p: float | None = None  # drop tokens less likely than min_p x the most likely one
-    repetition_penalty: float = 1.0  # > 1 discourages every token already in the prompt or the output (CTRL / HF style)
-    frequency_penalty: float = 0.0  # subtracted from a logit once per earlier occurrence in the output (OpenAI style)
-    presence_penalty: float = 0.0  # subtracted from a logit if the token already occurs in the output (OpenAI style)
-    seed: int | None = None  # same seed, same prompt, same settings -> same text
-    stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
-    logprobs: int | None = None  # None: off; n >= 0: log-probability of each chosen token and of the n most likely
-    ignore_eos: bool = False  # keep going past end-of-text (benchmarks)
-
-    def validate(self) -> "SamplingParams":
-        def need(cond, msg):
-            if not cond:
-                raise LmforgeError(msg)
-
-        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
-        need(self.temperature >= 0, "temperature must be >= 0")
-        need(self.top_k is None or self.top_k >= 0, "top_k must be >= 0")
-        need(self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        need(self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
-        need(self.repetition_penalty > 0, "repetition_penalty must be > 0")
-        need(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20")
-        need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
-        return self
-
-    @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-
-def _rows(value, B: int, device, dtype=torch.float32) -> torch.Tensor:
-    """A per-row setting as a (B,) tensor, from a number or a tensor."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype)
-    return torch.full((B,), value, device=device, dtype=dtype)
-
-
-def sample_next_token(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None, generator: torch.Generator | None = None,
-                      *, min_p=None, uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick the next token id for each row of logits (B, vocab).
-
-    Each setting is one number for every row or a (B,) tensor with a value per row: temperature
-    0 = greedy; top_k 0, top_p 1 and min_p 0 (or None) switch that filter off. The randomness is
-    `uniform`, one number in [0, 1) per row (so each row can have its own seeded stream), or else
-    drawn from `generator`. Sampling inverts the cumulative distribution at that number.
-    """
-    B, V = logits.shape
-    if not isinstance(temperature, torch.Tensor):
-        if temperature < 0:
-            raise LmforgeError("temperature must be >= 0")
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-    temp = _rows(temperature, B, logits.device)
-    greedy = temp == 0
-    logits = logits.float() / torch.where(greedy, 1.0, temp)[:, None]
-    if top_k is not None and (isinstance(top_k, torch.Tensor) or 0 < top_k < V):
-        k = _rows(top_k, B, logits.device, torch.long).clamp(min=0, max=V)
-        k = torch.where(k == 0, V, k)
-        kmax = int(k.max()) if k.device.type == "cpu" else V  # (reading k on an accelerator would wait for it)
-        kth = torch.topk(logits, kmax, dim=-1).values.gather(-1, k[:, None] - 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and (isinstance(top_p, torch.Tensor) or 0 < top_p < 1):
-        p = _rows(top_p, B, logits.device)
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p (the most likely one always stays)
-        drop = (probs.cumsum(-1) - probs) >= p[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    if min_p is not None and (isinstance(min_p, torch.Tensor) or min_p > 0):
-        floor = _rows(min_p, B, logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
-    if uniform is None:
-        uniform = torch.rand(B, generator=generator, device=generator.device if generator is not None else logits.device)
-    cdf = probs.cumsum(-1)
-    picked = torch.searchsorted(cdf, (uniform.to(cdf.device)[:, None] * cdf[:, -1:]).contiguous(), right=True).clamp(max=V - 1)[:, 0]
-    # rounding at the very top of the cdf can land on a token with no probability: take the most likely instead
-    picked = torch.where(probs.gather(-1, picked[:, None])[:, 0] > 0, picked, probs.argmax(-1))
-    return torch.where(greedy, logits.argmax(-1), picked)
-
-
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, repetition, frequency, presence) -> torch.Tensor:
-    """Penalise repeats: logits (B, V); counts (B, V) occurrences in the output; seen (B, V) in prompt or output."""
-    logits = logits.float()
-    B = logits.shape[0]
-    rep = _rows(repetition, B, logits.device)[:, None]
-    logits = torch.where(seen & (rep != 1), torch.where(logits > 0, logits / rep, logits * rep), logits)
-    freq = _rows(frequency, B, logits.device)[:, None]
-    pres = _rows(presence, B, logits.device)[:, None]
-    return logits - freq * counts - pres * (counts > 0).float()
+from ..errors import LmforgeError
+from .sampling import SamplingParams, apply_penalties, sample_next_token
 
 
 def context_limit(model) -> int:
     """Longest sequence (prompt + new tokens) the model was built to attend over."""
     return model.config.block_size
-
-
-# --- the engine -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -195,8 +90,15 @@ class Engine:
     so a step runs on a contiguous slice of the cache whatever the batch size.
     """
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, eos_id: int | None = None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        eos_id: int | None = None,
+        compile: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.limit = context_limit(model)
@@ -209,9 +111,21 @@ class Engine:
         self.rows: list[_Row] = []
         self.next_ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)  # the token each row feeds next
         # per-row sampling settings, on the device, in the rows' order
-        self._settings = {name: torch.zeros(max_batch, device=self.device, dtype=torch.long if name == "top_k" else torch.float32)
-                          for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")}
-        self._counts: torch.Tensor | None = None  # (max_batch, vocab) occurrences in each row's output, once any row has penalties
+        self._settings = {
+            name: torch.zeros(max_batch, device=self.device, dtype=torch.long if name == "top_k" else torch.float32)
+            for name in (
+                "temperature",
+                "top_k",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "frequency_penalty",
+                "presence_penalty",
+            )
+        }
+        self._counts: torch.Tensor | None = (
+            None  # (max_batch, vocab) occurrences in each row's output, once any row has penalties
+        )
         self._seen: torch.Tensor | None = None  # (max_batch, vocab) tokens in each row's prompt or output
         # torch.compile'd decode step: fixed shapes (every cache row, the whole cache length), compiled on first use
         self._compiled = None
@@ -220,7 +134,9 @@ class Engine:
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = True  # weights become constants, prepacked for oneDNN (what lmforge.packing does by hand)
+                inductor_config.freezing = (
+                    True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
+                )
             self._compiled = torch.compile(model, dynamic=False)
 
     # --- admission ------------------------------------------------------------------------------
@@ -257,7 +173,9 @@ class Engine:
                 raise LmforgeError(f"prompt token ids must be in [0, {self.vocab})")
             room = self.room(len(r.prompt_ids))
             if room < 1:
-                raise LmforgeError(f"prompt of {len(r.prompt_ids)} tokens leaves no room in the context window ({self.limit})")
+                raise LmforgeError(
+                    f"prompt of {len(r.prompt_ids)} tokens leaves no room in the context window ({self.limit})"
+                )
             rows.append(_Row(r, self.tokenizer, min(r.params.max_new_tokens, room)))
         width = max(len(r.prompt_ids) for r in reqs)
         if not self.cache.ring and any(width + row.max_new > self.max_len for row in rows):
@@ -313,17 +231,26 @@ class Engine:
         s = {name: t[lo:hi] for name, t in self._settings.items()}
         raw = logits
         if self._counts is not None and any(r.params.penalised for r in rows):
-            logits = apply_penalties(logits, self._counts[lo:hi], self._seen[lo:hi], s["repetition_penalty"], s["frequency_penalty"], s["presence_penalty"])
+            logits = apply_penalties(
+                logits,
+                self._counts[lo:hi],
+                self._seen[lo:hi],
+                s["repetition_penalty"],
+                s["frequency_penalty"],
+                s["presence_penalty"],
+            )
         if all(r.params.temperature == 0 for r in rows):
             ids = logits.argmax(-1)
         else:
             uniform = torch.tensor([r.rng.random() for r in rows])
             ids = sample_next_token(
-                logits, s["temperature"],
+                logits,
+                s["temperature"],
                 s["top_k"] if any(r.params.top_k for r in rows) else None,
                 s["top_p"] if any(r.params.top_p not in (None, 1) for r in rows) else None,
                 min_p=s["min_p"] if any(r.params.min_p for r in rows) else None,
-                uniform=uniform)
+                uniform=uniform,
+            )
         self.next_ids[lo:hi, 0] = ids
         if self._counts is not None:
             self._counts[lo:hi].scatter_add_(1, ids[:, None], torch.ones_like(ids[:, None], dtype=self._counts.dtype))
@@ -384,7 +311,9 @@ class Engine:
 
     def _output(self, row: _Row) -> Output:
         end = len(row.text) if row.finish_reason else len(row.text) - _stop_prefix_len(row.text, row.params.stop)
-        out = Output(row.req.request_id, row.text[row.sent: end], row.new_tokens, row.pending_logprobs, row.finish_reason)
+        out = Output(
+            row.req.request_id, row.text[row.sent : end], row.new_tokens, row.pending_logprobs, row.finish_reason
+        )
         row.sent = max(row.sent, end)
         row.new_tokens, row.pending_logprobs = [], []
         return out
@@ -445,15 +374,20 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
-# --- convenience ----------------------------------------------------------------------------------
-
-
 def _params(max_new_tokens, temperature, top_k, top_p, seed, **extra) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **extra).validate()
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **extra
+    ).validate()
 
 
-def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                   max_batch: int = 64, compile: bool = False) -> list[Completion]:
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    params: SamplingParams | list[SamplingParams] | None = None,
+    max_batch: int = 64,
+    compile: bool = False,
+) -> list[Completion]:
     """Complete many prompts (texts or token id lists) together; one Completion per prompt, in order."""
     if not prompts:
         return []
@@ -470,7 +404,13 @@ def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], param
     reqs = [Request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, plist))]
     batch = min(max_batch, len(reqs))
     width = max(len(p) for p in ids)
-    engine = Engine(model, tokenizer, max_batch=batch, max_len=min(limit, width + max(sp.max_new_tokens for sp in plist)), compile=compile)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=batch,
+        max_len=min(limit, width + max(sp.max_new_tokens for sp in plist)),
+        compile=compile,
+    )
     results = [Completion("", [], "", len(p)) for p in ids]
     for out in engine.run(reqs):
         c = results[out.request_id]
@@ -482,8 +422,17 @@ def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], param
     return results
 
 
-def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None, seed: int | None = None, eos_id: int | None = None, **extra) -> Iterator[int]:
+def generate_tokens(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    **extra,
+) -> Iterator[int]:
     """Yield new token ids one at a time (stops at eos_id, which is not yielded)."""
     if not prompt_ids:
         raise LmforgeError("empty prompt")
@@ -492,7 +441,9 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperatu
     if max_new_tokens <= 0:
         return
     engine = Engine(model, None, max_batch=1, max_len=len(prompt_ids) + max_new_tokens, eos_id=eos_id)
-    for out in engine.run([Request(list(prompt_ids), _params(max_new_tokens, temperature, top_k, top_p, seed, **extra))]):
+    for out in engine.run(
+        [Request(list(prompt_ids), _params(max_new_tokens, temperature, top_k, top_p, seed, **extra))]
+    ):
         yield from out.token_ids
 
 
@@ -502,13 +453,27 @@ def truncate_prompt(ids: list[int], model, max_new_tokens: int, warn: bool = Tru
     room = max(1, limit - max(1, min(max_new_tokens, limit // 2)))
     if len(ids) > room:
         if warn:
-            print(f"warning: prompt of {len(ids)} tokens is longer than the context allows; keeping its last {room} tokens", file=sys.stderr)
+            print(
+                f"warning: prompt of {len(ids)} tokens is longer than the context allows; keeping its last {room} tokens",
+                file=sys.stderr,
+            )
         ids = ids[-room:]
     return ids
 
 
-def generate_stream(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-                    top_p: float | None = None, seed: int | None = None, warn: bool = True, compile: bool = False, **extra) -> Iterator[str]:
+def generate_stream(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    warn: bool = True,
+    compile: bool = False,
+    **extra,
+) -> Iterator[str]:
     """Yield text pieces as they are generated (never splitting a character).
 
     compile: torch.compile the decode step (the cache then spans the whole context, so every
@@ -520,14 +485,26 @@ def generate_stream(model, tokenizer, prompt: str, max_new_tokens: int = 200, te
         ids = [tokenizer.eos_id]  # an empty prompt starts a fresh document
     ids = truncate_prompt(ids, model, max_new_tokens, warn)
     params = _params(min(max_new_tokens, context_limit(model) - len(ids)), temperature, top_k, top_p, seed, **extra)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=None if compile else len(ids) + params.max_new_tokens, compile=compile)
+    engine = Engine(
+        model, tokenizer, max_batch=1, max_len=None if compile else len(ids) + params.max_new_tokens, compile=compile
+    )
     for out in engine.run([Request(ids, params)]):
         if out.text:
             yield out.text
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, **extra) -> str:
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    **extra,
+) -> str:
     """The prompt followed by its generated continuation, as text."""
-    return prompt + "".join(generate_stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, **extra))
-
+    return prompt + "".join(
+        generate_stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, **extra)
+    )

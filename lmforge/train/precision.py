@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..errors import LmforgeError
 
 # Published dense peak FLOP/s by GPU name fragment and precision (tensor cores; fp32 = TF32 where available).
 GPU_PEAKS = {
@@ -109,7 +112,7 @@ def cpu_peak_flops(precision: str = "fp32", measure_if_missing: bool = True) -> 
 
 
 def store_cpu_peak(value: float, precision: str = "fp32") -> float:
-    from .io import write_json_atomic
+    from ..io import write_json_atomic
 
     path, key = _cache_file(), _machine_key() + f"|{precision}"
     try:
@@ -133,3 +136,25 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
             if frag in name:
                 return peaks.get(precision)
     return None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise LmforgeError("device cuda requested but CUDA is not available")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise LmforgeError("device mps requested but MPS is not available")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A context-manager factory: autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)

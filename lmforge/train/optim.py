@@ -8,6 +8,8 @@ the output head, norms and biases are not hidden matrices and stay with AdamW.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,9 +39,18 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters: SGD momentum (Nesterov), orthogonalised, scaled by sqrt(max(1, rows/cols))."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-                 ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+    ):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
+        )
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -97,15 +108,32 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
     """
     groups = split_parameters(model)
     fused = device.type == "cuda"
-    adam_groups = [{"params": groups["head"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-                   {"params": groups["embed"], "weight_decay": 0.0, "base_lr": cfg.lr},
-                   {"params": groups["other"], "weight_decay": 0.0, "base_lr": cfg.lr}]
+    adam_groups = [
+        {"params": groups["head"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": groups["embed"], "weight_decay": 0.0, "base_lr": cfg.lr},
+        {"params": groups["other"], "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
     if cfg.optimizer == "muon":
-        muon = Muon([{"params": groups["hidden"], "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                    weight_decay=cfg.weight_decay)
+        muon = Muon(
+            [{"params": groups["hidden"], "base_lr": cfg.muon_lr}],
+            lr=cfg.muon_lr,
+            momentum=cfg.muon_momentum,
+            weight_decay=cfg.weight_decay,
+        )
         adam_groups = [g for g in adam_groups if g["params"]]
         adam = torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
         return [muon, adam]
     adam_groups.insert(0, {"params": groups["hidden"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr})
     adam_groups = [g for g in adam_groups if g["params"]]
     return [torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
+
+
+def lr_factor(cfg, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_at(cfg, step: int, progress: float) -> float:
+    return cfg.lr * lr_factor(cfg, step, progress)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import LmforgeError
-from .io import atomic_path
+from ..errors import LmforgeError
+from ..io import atomic_path
 
 # (metric key, axis label, file stem)
-PANELS = [("loss", "training loss", "loss"), ("val_loss", "validation loss", "val_loss"), ("lr", "learning rate", "lr"),
-          ("tokens_per_s", "tokens / s", "tokens_per_s"), ("mfu", "model FLOPs utilisation", "mfu")]
+PANELS = [
+    ("loss", "training loss", "loss"),
+    ("val_loss", "validation loss", "val_loss"),
+    ("lr", "learning rate", "lr"),
+    ("tokens_per_s", "tokens / s", "tokens_per_s"),
+    ("mfu", "model FLOPs utilisation", "mfu"),
+]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -9,12 +9,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import preset
-from .errors import LmforgeError
-from .models import build_model
+from ..config import preset
+from ..errors import LmforgeError
+from ..models import build_model
 from .optim import build_optimizers
-from .perf import choose_precision, flops_per_token, measure_cpu_peak, peak_flops, store_cpu_peak
-from .training import autocast_for, pick_device
+from .precision import (
+    autocast_for,
+    choose_precision,
+    flops_per_token,
+    measure_cpu_peak,
+    peak_flops,
+    pick_device,
+    store_cpu_peak,
+)
 
 
 def bench_matmul(log=print) -> dict:
@@ -27,7 +34,7 @@ def bench_matmul(log=print) -> dict:
 
 
 def load_reference():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_gpt.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_gpt.py"
     if not path.is_file():
         raise LmforgeError(f"the reference implementation is not here ({path}); run bench from a source checkout")
     spec = importlib.util.spec_from_file_location("reference_gpt", path)
@@ -67,9 +74,19 @@ def _time_steps(model, optimizers, batch_size, seq_len, vocab, device, autocast,
     return (time.perf_counter() - t0) / steps
 
 
-def bench_train(preset_name: str = "tiny", steps: int = 10, warmup: int = 3, rounds: int = 3, batch_size: int | None = None,
-                seq_len: int | None = None, compile: bool = False, precision: str = "auto", ref_precision: str = "fp32",
-                device: str = "auto", log=print) -> dict:
+def bench_train(
+    preset_name: str = "tiny",
+    steps: int = 10,
+    warmup: int = 3,
+    rounds: int = 3,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    compile: bool = False,
+    precision: str = "auto",
+    ref_precision: str = "fp32",
+    device: str = "auto",
+    log=print,
+) -> dict:
     """Steady-state training tokens/s and MFU of lmforge and of the textbook reference, interleaved, same sizes.
 
     lmforge runs as `lmforge train` would (its precision choice, optimizer split); the reference is
@@ -98,18 +115,29 @@ def bench_train(preset_name: str = "tiny", steps: int = 10, warmup: int = 3, rou
         times["reference"].append(_time_steps(ref, [ref_opt], B, T, mcfg.vocab_size, dev, ref_autocast, steps, warmup))
         warmup = 1
     ref_precision = choose_precision(ref_precision, dev)
-    out = {"preset": preset_name, "batch": B, "seq_len": T, "precision": precision, "ref_precision": ref_precision, "device": str(dev),
-           "compile": compile}
+    out = {
+        "preset": preset_name,
+        "batch": B,
+        "seq_len": T,
+        "precision": precision,
+        "ref_precision": ref_precision,
+        "device": str(dev),
+        "compile": compile,
+    }
     for name, ts in times.items():
         best = min(ts)
         tps = B * T / best
         pk = peak if name == "lmforge" else peak_flops(dev, ref_precision)
         out[name] = {"tokens_per_s": tps, "mfu": tps * flops / pk if pk else None, "step_s": best}
     out["ratio"] = out["lmforge"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
-    log(f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{', compiled' if compile else ''}; best of {rounds} x {steps} steps")
+    log(
+        f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{', compiled' if compile else ''}; best of {rounds} x {steps} steps"
+    )
     for name, prec in (("lmforge", precision), ("reference", ref_precision)):
         r = out[name]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        log(f"  {name:<10} {prec:<5} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6} (of the {prec} peak)   {1000 * r['step_s']:.0f} ms/step")
+        log(
+            f"  {name:<10} {prec:<5} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6} (of the {prec} peak)   {1000 * r['step_s']:.0f} ms/step"
+        )
     log(f"  ratio      {out['ratio']:.2f}x")
     return out

@@ -8,14 +8,14 @@ reads ours and we read theirs (for example a Hugging Face GPT-2 or Llama tokeniz
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import LmforgeError
-from .io import atomic_path
+from ..errors import LmforgeError
+from ..io import atomic_path
 
 EOT = "<|endoftext|>"
 # Names other tokenizers give their end-of-document token, tried in order when loading a foreign file.
@@ -38,32 +38,42 @@ class Tokenizer:
     # --- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, split_digits: bool = False) -> "Tokenizer":
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, split_digits: bool = False
+    ) -> Tokenizer:
         """Learn BPE merges from texts. split_digits: every digit is a token of its own (as Llama does), so
         numbers are spelt digit by digit instead of in irregular multi-digit chunks."""
         specials = [EOT] + [t for t in (special_tokens or []) if t != EOT]
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         minimum = len(alphabet) + len(specials)
         if vocab_size < minimum:
-            raise LmforgeError(f"vocab size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) plus {len(specials)} special token(s) need at least {minimum}")
+            raise LmforgeError(
+                f"vocab size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) plus {len(specials)} special token(s) need at least {minimum}"
+            )
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if split_digits:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer]
+            )
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, EOT)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise LmforgeError(f"tokenizer file not found: {path}")
         try:
             hf = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a plain Exception for any parse error
-            raise LmforgeError(f"cannot read tokenizer {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise LmforgeError(
+                f"cannot read tokenizer {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
         return cls(hf)
 
     def save(self, path: str | Path) -> None:
@@ -102,7 +112,7 @@ class Tokenizer:
                 lengths[i] = len(self.decode([i]).encode("utf-8"))
         return lengths
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
     def stream_decode(self, ids: Iterable[int]) -> Iterator[str]:
@@ -135,16 +145,16 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self.prefix: self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
         if len(text) > len(before) and (not text.endswith("\ufffd") or len(self.ids) - self.read >= self.MAX_PENDING):
             self.prefix, self.read = self.read, len(self.ids)
-            return text[len(before):]
+            return text[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character comes out as U+FFFD)."""
-        before = self.tokenizer.decode(self.ids[self.prefix: self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]

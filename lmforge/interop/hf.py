@@ -39,13 +39,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ModelConfig, TrainConfig
-from .errors import LmforgeError
-from .io import atomic_path, write_json_atomic
-from .models import build_model
-from .runs import TOKENIZER, WEIGHTS, load_config, load_tokenizer, load_weights, save_config, save_weights
-from .tokenizer import Tokenizer
-
+from ..config import Config, ModelConfig, TrainConfig
+from ..data.tokenizer import Tokenizer
+from ..errors import LmforgeError
+from ..io import atomic_path, write_json_atomic
+from ..models import build_model
+from ..runs import TOKENIZER, WEIGHTS, load_config, load_tokenizer, load_weights, save_config, save_weights
 
 # --- reading a Hugging Face folder ----------------------------------------------------------------
 
@@ -122,7 +121,9 @@ def _family(hf: dict) -> str:
         return "llama"
     if kind == "mixtral" or "MixtralForCausalLM" in archs:
         return "mixtral"
-    _unsupported(f"architecture {', '.join(archs) or kind or 'unknown'} (supported: GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM)")
+    _unsupported(
+        f"architecture {', '.join(archs) or kind or 'unknown'} (supported: GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM)"
+    )
 
 
 def _rope_from_hf(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
@@ -137,9 +138,13 @@ def _rope_from_hf(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict
     if kind == "linear":
         return theta, {"type": "linear", "factor": float(merged["factor"])}
     if kind == "llama3":
-        return theta, {"type": "llama3", "factor": float(merged["factor"]), "low_freq_factor": float(merged["low_freq_factor"]),
-                       "high_freq_factor": float(merged["high_freq_factor"]),
-                       "original_max_position_embeddings": int(merged["original_max_position_embeddings"])}
+        return theta, {
+            "type": "llama3",
+            "factor": float(merged["factor"]),
+            "low_freq_factor": float(merged["low_freq_factor"]),
+            "high_freq_factor": float(merged["high_freq_factor"]),
+            "original_max_position_embeddings": int(merged["original_max_position_embeddings"]),
+        }
     _unsupported(f"rope scaling type {kind!r} (supported: linear, llama3)")
 
 
@@ -151,35 +156,77 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if mlp is None:
             _unsupported(f"GPT-2 activation_function {act!r}")
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-            _unsupported("GPT-2 attention scaling options (scale_attn_weights=False or scale_attn_by_inverse_layer_idx)")
+            _unsupported(
+                "GPT-2 attention scaling options (scale_attn_weights=False or scale_attn_by_inverse_layer_idx)"
+            )
         if hf.get("add_cross_attention"):
             _unsupported("GPT-2 with cross-attention")
-        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"], n_head=hf["n_head"],
-                           d_model=hf["n_embd"], d_ff=hf.get("n_inner"), norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           pos="learned", mlp=mlp, bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0)
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("n_positions", 1024),
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            d_model=hf["n_embd"],
+            d_ff=hf.get("n_inner"),
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            pos="learned",
+            mlp=mlp,
+            bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            dropout=0.0,
+        )
     # llama and mixtral (Llama attention + experts)
     name = family.capitalize()
     if hf.get("hidden_act", "silu") != "silu":
         _unsupported(f"{name} hidden_act {hf.get('hidden_act')!r} (only silu)")
     n_head, d = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim") not in (None, d // n_head):
-        _unsupported(f"{name} head_dim {hf['head_dim']} different from hidden_size / num_attention_heads ({d // n_head})")
+        _unsupported(
+            f"{name} head_dim {hf['head_dim']} different from hidden_size / num_attention_heads ({d // n_head})"
+        )
     if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
         _unsupported("Llama with attention_bias different from mlp_bias")
     theta, scaling = _rope_from_hf(hf, 1e6 if family == "mixtral" else 10000.0)
-    common = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                  d_model=d, d_ff=hf["intermediate_size"], norm="rmsnorm", pos="rope", rope_theta=theta, rope_scaling=scaling,
-                  mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=0.0)
+    common = dict(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        d_model=d,
+        d_ff=hf["intermediate_size"],
+        norm="rmsnorm",
+        pos="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        mlp="swiglu",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dropout=0.0,
+    )
     if family == "llama":
-        return ModelConfig(**common, block_size=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                           bias=bool(hf.get("attention_bias", False)))
+        return ModelConfig(
+            **common,
+            block_size=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            bias=bool(hf.get("attention_bias", False)),
+        )
     k = hf.get("num_experts_per_tok", 2)
     # transformers' load-balancing loss sums to top_k when balanced, ours to 1: the same penalty needs coef * top_k.
-    return ModelConfig(**common, block_size=hf.get("max_position_embeddings", 4096 * 32), norm_eps=hf.get("rms_norm_eps", 1e-5), bias=False,
-                       sliding_window=hf.get("sliding_window"), moe_experts=hf.get("num_local_experts", 8), moe_top_k=k,
-                       moe_d_ff=hf["intermediate_size"], moe_renormalize=True, moe_capacity_factor=None,
-                       moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * k, moe_z_loss_coef=0.0,
-                       moe_jitter=float(hf.get("router_jitter_noise", 0.0)))
+    return ModelConfig(
+        **common,
+        block_size=hf.get("max_position_embeddings", 4096 * 32),
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        bias=False,
+        sliding_window=hf.get("sliding_window"),
+        moe_experts=hf.get("num_local_experts", 8),
+        moe_top_k=k,
+        moe_d_ff=hf["intermediate_size"],
+        moe_renormalize=True,
+        moe_capacity_factor=None,
+        moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * k,
+        moe_z_loss_coef=0.0,
+        moe_jitter=float(hf.get("router_jitter_noise", 0.0)),
+    )
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
@@ -188,21 +235,33 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
     moe = cfg.moe_experts > 0
     if cfg.qk_norm:
         problems.append("qk_norm")
-    if cfg.sliding_window and not moe:  # Mixtral has a window (same convention: W positions, itself included); Llama has none
+    if (
+        cfg.sliding_window and not moe
+    ):  # Mixtral has a window (same convention: W positions, itself included); Llama has none
         problems.append("sliding_window")
     if cfg.attn_softcap or cfg.logit_softcap:
         problems.append("softcapping")
-    gpt2_like = cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp in ("gelu", "gelu_tanh") and cfg.bias and cfg.norm_bias \
+    gpt2_like = (
+        cfg.norm == "layernorm"
+        and cfg.pos == "learned"
+        and cfg.mlp in ("gelu", "gelu_tanh")
+        and cfg.bias
+        and cfg.norm_bias
         and cfg.kv_heads == cfg.n_head
+    )
     llama_like = cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu"
     if not (gpt2_like or llama_like):
-        problems.append(f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias} (GPT-2 needs layernorm/learned/gelu/bias; "
-                        f"Llama needs rmsnorm/rope/swiglu)")
+        problems.append(
+            f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias} (GPT-2 needs layernorm/learned/gelu/bias; "
+            f"Llama needs rmsnorm/rope/swiglu)"
+        )
     if llama_like and cfg.rope_scaling and cfg.rope_scaling.get("type") not in ("linear", "llama3"):
         problems.append(f"rope scaling {cfg.rope_scaling.get('type')!r}")
     if moe:  # Mixtral: Llama attention without biases, renormalised top-k experts in every layer, no shared expert
         if not llama_like or cfg.bias:
-            problems.append("a Mixture of Experts without Llama attention (Mixtral needs rmsnorm/rope/swiglu and bias=false)")
+            problems.append(
+                "a Mixture of Experts without Llama attention (Mixtral needs rmsnorm/rope/swiglu and bias=false)"
+            )
         if cfg.moe_every != 1:
             problems.append(f"moe_every={cfg.moe_every} (Mixtral has experts in every layer)")
         if cfg.moe_shared_expert:
@@ -212,22 +271,59 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
     if problems:
         raise LmforgeError("cannot export to Hugging Face: unsupported " + "; ".join(problems))
     if gpt2_like:
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
-                "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ff_dim,
-                "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu", "layer_norm_epsilon": cfg.norm_eps,
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings,
-                "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
-    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-           "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
-           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-           "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.ff_dim,
+            "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": eos_id,
+            "eos_token_id": eos_id,
+            "torch_dtype": "float32",
+        }
+    out = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ff_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
     if moe:
         for key in ("attention_bias", "mlp_bias"):
             del out[key]
-        out.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=cfg.expert_dim,
-                   sliding_window=cfg.sliding_window, num_local_experts=cfg.moe_experts, num_experts_per_tok=cfg.moe_top_k,
-                   router_aux_loss_coef=cfg.moe_aux_loss_coef / cfg.moe_top_k, router_jitter_noise=cfg.moe_jitter)
+        out.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            intermediate_size=cfg.expert_dim,
+            sliding_window=cfg.sliding_window,
+            num_local_experts=cfg.moe_experts,
+            num_experts_per_tok=cfg.moe_top_k,
+            router_aux_loss_coef=cfg.moe_aux_loss_coef / cfg.moe_top_k,
+            router_jitter_noise=cfg.moe_jitter,
+        )
     if cfg.rope_scaling:
         sc = dict(cfg.rope_scaling)
         sc["rope_type"] = sc.pop("type")
@@ -244,12 +340,20 @@ def _gpt2_names(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     for i in range(cfg.n_layer):
         h = f"transformer.h.{i}."
         b = f"blocks.{i}."
-        names += [(b + "norm1.weight", h + "ln_1.weight", False), (b + "norm1.bias", h + "ln_1.bias", False),
-                  (b + "attn.qkv.weight", h + "attn.c_attn.weight", True), (b + "attn.qkv.bias", h + "attn.c_attn.bias", False),
-                  (b + "attn.proj.weight", h + "attn.c_proj.weight", True), (b + "attn.proj.bias", h + "attn.c_proj.bias", False),
-                  (b + "norm2.weight", h + "ln_2.weight", False), (b + "norm2.bias", h + "ln_2.bias", False),
-                  (b + "mlp.up.weight", h + "mlp.c_fc.weight", True), (b + "mlp.up.bias", h + "mlp.c_fc.bias", False),
-                  (b + "mlp.down.weight", h + "mlp.c_proj.weight", True), (b + "mlp.down.bias", h + "mlp.c_proj.bias", False)]
+        names += [
+            (b + "norm1.weight", h + "ln_1.weight", False),
+            (b + "norm1.bias", h + "ln_1.bias", False),
+            (b + "attn.qkv.weight", h + "attn.c_attn.weight", True),
+            (b + "attn.qkv.bias", h + "attn.c_attn.bias", False),
+            (b + "attn.proj.weight", h + "attn.c_proj.weight", True),
+            (b + "attn.proj.bias", h + "attn.c_proj.bias", False),
+            (b + "norm2.weight", h + "ln_2.weight", False),
+            (b + "norm2.bias", h + "ln_2.bias", False),
+            (b + "mlp.up.weight", h + "mlp.c_fc.weight", True),
+            (b + "mlp.up.bias", h + "mlp.c_fc.bias", False),
+            (b + "mlp.down.weight", h + "mlp.c_proj.weight", True),
+            (b + "mlp.down.bias", h + "mlp.c_proj.bias", False),
+        ]
     names += [("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
     if not cfg.tie_embeddings:
         names.append(("lm_head.weight", "lm_head.weight", False))
@@ -262,20 +366,32 @@ def _llama_names(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     for i in range(cfg.n_layer):
         h = f"model.layers.{i}."
         b = f"blocks.{i}."
-        names += [(b + "norm1.weight", h + "input_layernorm.weight", False), (b + "norm2.weight", h + "post_attention_layernorm.weight", False),
-                  (b + "attn.proj.weight", h + "self_attn.o_proj.weight", False)]
+        names += [
+            (b + "norm1.weight", h + "input_layernorm.weight", False),
+            (b + "norm2.weight", h + "post_attention_layernorm.weight", False),
+            (b + "attn.proj.weight", h + "self_attn.o_proj.weight", False),
+        ]
         if cfg.is_moe_layer(i):
             m = h + "block_sparse_moe."
             names.append((b + "mlp.router.weight", m + "gate.weight", False))
             for e in range(cfg.moe_experts):
-                names += [(b + f"mlp.experts.{e}.{ours}.weight", m + f"experts.{e}.{theirs}.weight", False)
-                          for ours, theirs in (("gate", "w1"), ("down", "w2"), ("up", "w3"))]
+                names += [
+                    (b + f"mlp.experts.{e}.{ours}.weight", m + f"experts.{e}.{theirs}.weight", False)
+                    for ours, theirs in (("gate", "w1"), ("down", "w2"), ("up", "w3"))
+                ]
             continue
-        names += [(b + "mlp.gate.weight", h + "mlp.gate_proj.weight", False), (b + "mlp.up.weight", h + "mlp.up_proj.weight", False),
-                  (b + "mlp.down.weight", h + "mlp.down_proj.weight", False)]
+        names += [
+            (b + "mlp.gate.weight", h + "mlp.gate_proj.weight", False),
+            (b + "mlp.up.weight", h + "mlp.up_proj.weight", False),
+            (b + "mlp.down.weight", h + "mlp.down_proj.weight", False),
+        ]
         if cfg.bias:
-            names += [(b + "attn.proj.bias", h + "self_attn.o_proj.bias", False), (b + "mlp.gate.bias", h + "mlp.gate_proj.bias", False),
-                      (b + "mlp.up.bias", h + "mlp.up_proj.bias", False), (b + "mlp.down.bias", h + "mlp.down_proj.bias", False)]
+            names += [
+                (b + "attn.proj.bias", h + "self_attn.o_proj.bias", False),
+                (b + "mlp.gate.bias", h + "mlp.gate_proj.bias", False),
+                (b + "mlp.up.bias", h + "mlp.up_proj.bias", False),
+                (b + "mlp.down.bias", h + "mlp.down_proj.bias", False),
+            ]
     names.append(("norm.weight", "model.norm.weight", False))
     if not cfg.tie_embeddings:
         names.append(("lm_head.weight", "lm_head.weight", False))
@@ -296,12 +412,16 @@ def _unfuse_experts(cfg: ModelConfig, hf_sd: dict) -> dict:
         fused, m = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
         if fused + "experts.gate_up_proj" not in hf_sd:
             continue
-        gate_up, down, router = (_take(hf_sd, fused + n) for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"))
+        gate_up, down, router = (
+            _take(hf_sd, fused + n) for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")
+        )
         for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"):
             del hf_sd[fused + n]
         if tuple(gate_up.shape) != (E, 2 * I, D) or tuple(down.shape) != (E, D, I):
-            raise LmforgeError(f"Hugging Face expert tensors of layer {i} have shapes {tuple(gate_up.shape)} and {tuple(down.shape)}, "
-                               f"config implies {(E, 2 * I, D)} and {(E, D, I)}")
+            raise LmforgeError(
+                f"Hugging Face expert tensors of layer {i} have shapes {tuple(gate_up.shape)} and {tuple(down.shape)}, "
+                f"config implies {(E, 2 * I, D)} and {(E, D, I)}"
+            )
         hf_sd[m + "gate.weight"] = router
         for e in range(E):
             hf_sd[m + f"experts.{e}.w1.weight"], hf_sd[m + f"experts.{e}.w3.weight"] = gate_up[e].split(I)
@@ -359,13 +479,17 @@ def from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     cfg.validate()
     tokenizer = read_hf_tokenizer(hf_dir)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise LmforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
+        raise LmforgeError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}"
+        )
     sd = state_dict_from_hf(cfg, family, read_hf_weights(hf_dir))
     model = build_model(cfg)
     expected = model.state_dict()
     for k, v in sd.items():
         if v.shape != expected[k].shape:
-            raise LmforgeError(f"Hugging Face tensor for {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+            raise LmforgeError(
+                f"Hugging Face tensor for {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}"
+            )
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / TOKENIZER)
@@ -389,6 +513,13 @@ def to_hf(run_dir: str | Path, hf_dir: str | Path) -> Path:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     write_json_atomic(hf_dir / "config.json", hf_cfg)
     shutil.copyfile(run_dir / TOKENIZER, hf_dir / "tokenizer.json")
-    write_json_atomic(hf_dir / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
-                                                         "bos_token": tokenizer.eos_token, "model_max_length": cfg.block_size})
+    write_json_atomic(
+        hf_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.eos_token,
+            "model_max_length": cfg.block_size,
+        },
+    )
     return hf_dir

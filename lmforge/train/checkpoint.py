@@ -18,9 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import LmforgeError
-from .io import atomic_path
-from .runs import TRAINER_STATE, WEIGHTS, load_trainer_state, load_weights, save_trainer_state, save_weights
+from ..errors import LmforgeError
+from ..io import atomic_path
+from ..runs import TRAINER_STATE, WEIGHTS, load_trainer_state, load_weights, save_trainer_state, save_weights
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -45,8 +45,11 @@ def save_checkpoint(run_dir: Path, model, trainer_state: dict, keep: int = 3, va
     tmp.mkdir()
     save_weights(tmp / WEIGHTS, model, {"step": step})
     save_trainer_state(tmp / TRAINER_STATE, trainer_state)
-    manifest = {"step": step, "val_loss": val_loss, "files": {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                                                            for f in (WEIGHTS, TRAINER_STATE)}}
+    manifest = {
+        "step": step,
+        "val_loss": val_loss,
+        "files": {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in (WEIGHTS, TRAINER_STATE)},
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)

@@ -1,0 +1,8 @@
+"""Where text comes from and how it becomes tokens.
+
+corpus.py     find and read documents: files, directories, globs, JSONL, Parquet, the default corpus
+tokenizer.py  byte-level BPE (Hugging Face `tokenizers`), streaming decode that never splits a character
+shards.py     the llm.c shard format and `TokenData`, the random-window batch loader
+prepare.py    corpus -> tokenizer + train/val shards (`prepare`, and `ensure_data` with its cache)
+pairs.py      (source, target) pairs for seq2seq: files, built-in demos, tokenising, batches
+"""

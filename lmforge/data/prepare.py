@@ -1,0 +1,220 @@
+"""Text to shards: `prepare` tokenises a corpus into train/val shards; `ensure_data` does what a
+training run needs (train a tokenizer, prepare shards) once per corpus and caches the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LmforgeError
+from ..io import write_json_atomic
+from .corpus import DEFAULT_CORPUS, SkipCounter, _documents, corpus_key, discover, text_sample
+from .shards import ShardWriter, shard_paths
+from .tokenizer import Tokenizer
+
+TOKENIZER = "tokenizer.json"  # the tokenizer beside a shard directory (the same name a run directory uses)
+
+
+def _chunks(doc: str, chunk_chars: int) -> list[str]:
+    """Split a long document at line boundaries into pieces of about chunk_chars characters."""
+    if len(doc) <= chunk_chars:
+        return [doc]
+    out, start = [], 0
+    while start < len(doc):
+        end = start + chunk_chars
+        if end < len(doc):
+            nl = doc.rfind("\n", start + chunk_chars // 2, end)
+            end = nl + 1 if nl != -1 else end
+        out.append(doc[start:end])
+        start = end
+    return out
+
+
+@dataclass
+class PrepareStats:
+    train_tokens: int = 0
+    val_tokens: int = 0
+    documents: int = 0
+    bytes: int = 0
+    skipped_files: int = 0
+
+
+def prepare(
+    spec,
+    tokenizer,
+    out_dir: str | Path,
+    val_fraction: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    batch_chars: int = 4_000_000,
+    progress: bool = True,
+) -> PrepareStats:
+    """Tokenise a corpus into train/val shards under out_dir, streaming with bounded memory.
+
+    Text is cut into pieces (whole small documents; long ones split at line breaks); every
+    `round(1/val_fraction)`-th piece goes to validation, so the split is deterministic and
+    even a single-file corpus gets a validation set. Pieces are tokenised in parallel batches.
+    """
+    out_dir = Path(out_dir)
+    files = discover(spec)
+    total_bytes = sum(f.stat().st_size for f in files)
+    every = max(2, round(1 / val_fraction))
+    chunk_chars = int(min(1 << 20, max(512, total_bytes / every / 8)))
+    skipped = SkipCounter()
+    stats = PrepareStats()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in shard_paths(out_dir, "train") + shard_paths(out_dir, "val"):
+        old.unlink()
+    writers: dict[str, ShardWriter | None] = {"train": None, "val": None}
+    shard_index = {"train": 0, "val": 0}
+    vocab = tokenizer.vocab_size
+    eos = tokenizer.eos_id
+
+    def emit(split: str, ids: list[int]):
+        w = writers[split]
+        if w is None:
+            w = writers[split] = ShardWriter(out_dir / f"{split}_{shard_index[split]:04d}.bin", vocab)
+        w.write(ids)
+        if w.count >= shard_tokens:
+            w.close()
+            writers[split] = None
+            shard_index[split] += 1
+
+    bar = _progress_bar(total_bytes, progress)
+    piece_no = 0
+    batch: list[tuple[str, str, bool]] = []  # (split, text, ends_document)
+    batch_size = 0
+
+    def flush():
+        nonlocal batch, batch_size
+        if not batch:
+            return
+        encoded = tokenizer.encode_batch([t for _, t, _ in batch])
+        for (split, text, ends_doc), ids in zip(batch, encoded):
+            if ends_doc:
+                ids = ids + [eos]
+            emit(split, ids)
+            if split == "train":
+                stats.train_tokens += len(ids)
+            else:
+                stats.val_tokens += len(ids)
+        bar(sum(len(t) for _, t, _ in batch))
+        batch, batch_size = [], 0
+
+    try:
+        for doc in _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS):
+            stats.documents += 1
+            pending = None  # hold one piece back to know which is the document's last
+            for text in doc:
+                stats.bytes += len(text.encode("utf-8", "surrogatepass"))
+                for piece in _chunks(text, chunk_chars):
+                    if pending is not None:
+                        batch.append((pending[0], pending[1], False))
+                        batch_size += len(pending[1])
+                    pending = ("val" if piece_no % every == every // 2 else "train", piece)
+                    piece_no += 1
+                if batch_size >= batch_chars:
+                    flush()
+            if pending is not None:
+                batch.append((pending[0], pending[1], True))
+                batch_size += len(pending[1])
+            else:
+                stats.documents -= 1
+            if batch_size >= batch_chars:
+                flush()
+        flush()
+        if stats.documents == 0:
+            raise LmforgeError(f"no usable text in {spec if spec is not None else 'the default corpus'}")
+        for split in ("train", "val"):
+            if writers[split] is None and shard_index[split] == 0:
+                writers[split] = ShardWriter(out_dir / f"{split}_0000.bin", vocab)
+            if writers[split] is not None:
+                writers[split].close()
+                writers[split] = None
+    except BaseException:
+        for w in writers.values():
+            if w is not None:
+                w.abort()
+        raise
+    finally:
+        bar(None)
+    stats.skipped_files = skipped.files
+    if skipped.files:
+        print(f"warning: skipped {skipped.files} file(s) that are binary or not valid UTF-8", file=sys.stderr)
+    return stats
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tiny adapter over rich's progress bar: call with a byte count to advance, None to finish."""
+    if not enabled:
+        return lambda n: None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    prog = Progress(
+        "tokenising", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), transient=False
+    )
+    task = prog.add_task("tok", total=total)
+    prog.start()
+
+    def advance(n):
+        if n is None:
+            prog.stop()
+        else:
+            prog.advance(task, n)
+
+    return advance
+
+
+TOKENIZER_SAMPLE_CHARS = 50_000_000  # text used to learn the BPE merges (the whole default corpus fits)
+
+
+def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tokenizer]:
+    """Return (shard directory, tokenizer) for DATA.
+
+    DATA may be a directory of prepared shards (with its tokenizer.json), or raw text
+    (file, directory, glob, or None for the default corpus): then a tokenizer is trained and
+    shards prepared under cache_root/<fingerprint>/, reused while the inputs are unchanged.
+    """
+    if spec is not None and Path(str(spec)).is_dir() and shard_paths(spec, "train"):
+        tok_path = Path(spec) / TOKENIZER
+        if not tok_path.is_file():
+            raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
+        return Path(spec), Tokenizer.from_file(tok_path)
+    files = discover(spec)
+    key_parts = [corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]
+    if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
+        key_parts.append("split_digits")
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    cache = cache_root / f"data-{key}"
+    done = cache / "done.json"
+    if done.is_file() and (cache / TOKENIZER).is_file():
+        log(f"data: reusing tokenizer and shards in {cache}")
+        return cache, Tokenizer.from_file(cache / TOKENIZER)
+    name = "the Python standard library" if spec is None else str(spec)
+    log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
+    t0 = time.time()
+    tok = Tokenizer.train(
+        text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size, split_digits=train_cfg.split_digits
+    )
+    if tok.vocab_size <= 257:
+        raise LmforgeError(f"no usable text in {name}")
+    cache.mkdir(parents=True, exist_ok=True)
+    tok.save(cache / TOKENIZER)
+    log(f"data: tokenizer ready ({tok.vocab_size} tokens, {time.time() - t0:.1f}s); writing shards")
+    stats = prepare(spec, tok, cache, val_fraction=train_cfg.val_fraction, progress=sys.stderr.isatty())
+    write_json_atomic(
+        done,
+        {
+            "train_tokens": stats.train_tokens,
+            "val_tokens": stats.val_tokens,
+            "documents": stats.documents,
+            "bytes": stats.bytes,
+        },
+    )
+    log(
+        f"data: {stats.documents} documents, {stats.bytes / 1e6:.1f} MB -> {stats.train_tokens:,} train + {stats.val_tokens:,} val tokens ({time.time() - t0:.1f}s)"
+    )
+    return cache, tok

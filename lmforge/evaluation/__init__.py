@@ -1,0 +1,6 @@
+"""Measuring models.
+
+perplexity.py  loss, perplexity and bits per byte (validation windows, any text)
+seq2seq.py     teacher-forced loss, exact match, BLEU and chrF of decoded outputs
+plot.py        `lmforge plot`: metrics.jsonl curves of one or several runs
+"""
