@@ -219,35 +219,41 @@ def _precision(requested: str, device: torch.device, log) -> str:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches (not synchronised: no device sync)
+    loss: torch.Tensor  # this rank's share of the step's mean token loss: summed over ranks, it is the mean
     tokens: int  # predicted tokens of the step, all ranks together
-    aux: dict  # MoE router losses of the step {name: mean value}; {} for dense models
+    aux: dict  # MoE router losses of the step {name: mean over micro-batches}; {} for dense models
 
 
 def train_step(setup: Setup, task: Task, data_gen: torch.Generator, lr_factor: float) -> StepResult:
     """One optimizer step: `setup.accum` micro-batches forward and backward, then clip, step and zero the gradients.
 
-    Every param group's lr is set to its base_lr x lr_factor first. Gradients are all-reduced (DDP/FSDP) on the
-    last micro-batch only. The objective per micro-batch is (task loss + MoE aux losses) / accum.
+    Every param group's lr is set to its base_lr x lr_factor first. The step's loss is the mean over every
+    token it predicts: sum of token losses over all micro-batches and ranks / their total count N. So the
+    micro-batches are drawn first and N all-reduced before any backward; each micro-batch backpropagates
+    its loss sum x (g / N), where g is the number of ranks the backward averages gradients over (DDP and
+    FSDP average; one process: 1), so the gradient is exactly that of the global token mean. MoE router
+    losses are per-batch means, added as their mean over micro-batches. Gradients are all-reduced on the
+    last micro-batch only.
     """
     s = setup
     for opt in s.optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor
+    micro = [task.batch(data_gen, s.device) for _ in range(s.accum)]  # token ids only: small
+    tokens = int(s.parallel.sum(torch.tensor(sum(n for _, n in micro))).item())  # all ranks (int64)
+    scale = s.parallel.grad_average / max(1, tokens)
     loss_sum = torch.zeros((), device=s.device)
-    aux_sums, tokens = {}, 0
-    for micro in range(s.accum):
-        batch, n_tokens = task.batch(data_gen, s.device)
-        with s.parallel.no_sync(micro == s.accum - 1), s.autocast():
-            loss = task.loss(s.compiled, batch)
+    aux_sums = {}
+    for i, (batch, _) in enumerate(micro):
+        with s.parallel.no_sync(i == s.accum - 1), s.autocast():
+            nats, _ = task.loss(s.compiled, batch)
             aux = moe.aux_losses(s.model)  # MoE router losses {name: (coef, value)}; {} for dense models
-        objective = (loss + sum(c * v for c, v in aux.values())) / s.accum
+        objective = nats * scale + sum(c * v for c, v in aux.values()) / s.accum
         (s.scaler.scale(objective) if s.scaler is not None else objective).backward()
-        loss_sum += loss.detach()
-        tokens += n_tokens
+        loss_sum += nats.detach()
         aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / s.accum for k, (_, v) in aux.items()}
     _optimizer_step(s)
-    return StepResult(loss_sum / s.accum, tokens, aux_sums)
+    return StepResult(loss_sum / max(1, tokens), tokens, aux_sums)
 
 
 def _optimizer_step(s: Setup) -> None:
@@ -279,7 +285,7 @@ class Reporter:
         self._since = (state.tokens, state.elapsed)  # throughput is measured from the last logged step
 
     def step(self, state: RunState, result: StepResult, lr_factor: float) -> None:
-        loss = self.parallel.mean(result.loss).item()  # the one sync per logged step
+        loss = self.parallel.sum(result.loss).item()  # the step's token mean; the one sync per logged step
         rate = (state.tokens - self._since[0]) / max(1e-9, state.elapsed - self._since[1])  # tokens per training s
         self._since = (state.tokens, state.elapsed)
         p = state.progress(self.tc)

@@ -42,7 +42,7 @@ from ..evaluation.seq2seq import evaluate_pairs
 from ..inference.beam import translate
 from ..inference.engine import generate
 from ..io import write_json_atomic
-from ..models.loss import lm_loss, seq2seq_loss
+from ..models.loss import lm_loss, predicted_tokens, seq2seq_loss
 from ..runs import TOKENIZER
 from .distributed import barrier
 from .precision import flops_per_token
@@ -78,11 +78,16 @@ class Task(Protocol):
         ...
 
     def batch(self, generator: torch.Generator, device: torch.device) -> tuple[Any, int]:
-        """(the next micro-batch of this rank, on device; predicted tokens it adds to the budget, all ranks)."""
+        """(this rank's next micro-batch, on device; the number of tokens it predicts, counted without a device sync).
+
+        Every rank draws from the same generator state, so the draws stay in step across ranks."""
         ...
 
-    def loss(self, model, batch) -> torch.Tensor:
-        """Mean loss per predicted token of `batch` under `model` (a callable module), a scalar tensor."""
+    def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SUM of the token losses of `batch` under `model` (a callable module), number of predicted tokens).
+
+        Both are scalar tensors; the count equals what `batch` reported. The loop divides the sum of a whole
+        step (every micro-batch, every rank) by the step's total count: a mean over tokens, not over batches."""
         ...
 
     def evaluate(self, model, device, autocast=contextlib.nullcontext, forward=None) -> dict:
@@ -164,12 +169,13 @@ class LMTask:
         return flops_per_token(self.model_config, self.seq_len)
 
     def batch(self, generator: torch.Generator, device):
-        """((x, y) on device, number of predicted tokens across all ranks)."""
+        """((x, y) on device, each (batch_size, seq_len); this rank's predicted tokens: every position of y)."""
         x, y = self.train_data.batch(self.tc.batch_size, self.seq_len, generator, self.rank, self.world)
-        return (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel() * self.world
+        return (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel()
 
     def loss(self, model, batch):
-        return lm_loss(model, *batch, label_smoothing=self.tc.label_smoothing)
+        x, y = batch
+        return lm_loss(model, x, y, "sum", self.tc.label_smoothing), predicted_tokens(y)
 
     def evaluate(self, model, device, autocast=contextlib.nullcontext, forward=None) -> dict:
         """Validation metrics; `forward` is the wrapped/compiled model to run, when there is one."""
@@ -281,8 +287,8 @@ class Seq2SeqTask:
         b = self.train_data.batch(self.tc.batch_size, generator)
         return b.to(device), b.target_tokens
 
-    def loss(self, model, batch: PairBatch) -> torch.Tensor:
-        return seq2seq_loss(model, batch, self.tc.label_smoothing)
+    def loss(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return seq2seq_loss(model, batch, self.tc.label_smoothing, "sum"), predicted_tokens(batch.labels)
 
     def evaluate(self, model, device, autocast=contextlib.nullcontext, forward=None) -> dict:
         """Validation loss and greedy-decoding scores (decoding needs the plain model, so `forward` is unused)."""
