@@ -193,7 +193,10 @@ class LMTask:
 
     def format_eval(self, res: dict) -> str:
         bpb = f", {res['val_bpb']:.3f} bits/byte" if "val_bpb" in res else ""
-        return f"val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}"
+        return (
+            f"val loss {res['val_loss']:.4f}, perplexity {res['val_ppl']:.2f}{bpb}, "
+            f"top-1 {100 * res['val_acc']:.1f}%, top-5 {100 * res['val_top5']:.1f}%"
+        )
 
     def sample(self, model, step: int) -> str:
         tc = self.tc
