@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a run on some text "
+        help="loss, perplexity, bits per byte and next-token accuracy of a run on some text "
         "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
@@ -490,7 +490,7 @@ def _eval(args):
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(
         f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
-        f"| bits/byte {res['bits_per_byte']:.4f}"
+        f"| bits/byte {res['bits_per_byte']:.4f} | top-1 {100 * res['acc']:.1f}% | top-5 {100 * res['top5']:.1f}%"
     )
     if "moe_routing" in res:
         from .models.moe import routing_table

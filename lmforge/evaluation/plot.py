@@ -12,6 +12,8 @@ from ..io import atomic_path
 PANELS = [
     ("loss", "training loss", "loss"),
     ("val_loss", "validation loss", "val_loss"),
+    ("val_acc", "validation next-token accuracy (top-1)", "val_acc"),
+    ("val_top5", "validation next-token accuracy (top-5)", "val_top5"),
     ("lr", "learning rate", "lr"),
     ("tokens_per_s", "tokens / s", "tokens_per_s"),
     ("mfu", "model FLOPs utilisation", "mfu"),

@@ -111,7 +111,9 @@ def verify(ckpt: Path) -> str | None:
 
 
 def load_latest(run_dir: Path, model) -> dict:
-    """Load the newest intact checkpoint into model and return its trainer state (skipping damaged ones with a warning)."""
+    """Load the newest intact checkpoint into model and return its trainer state.
+
+    Damaged checkpoints are skipped with a warning; raises LmforgeError when none is left."""
     root = Path(run_dir) / CHECKPOINTS
     candidates = list(reversed(step_dirs(root))) if root.is_dir() else []
     if not candidates:
