@@ -26,7 +26,7 @@ from ..runs import METRICS, WEIGHTS, load_config, save_config
 from .checkpoint import load_latest, save_checkpoint
 from .distributed import any_rank, barrier, init_distributed, mean_across_ranks, shutdown, wrap_model
 from .optim import build_optimizers, lr_factor
-from .precision import autocast_for, choose_precision, cpu_has_native_bf16, peak_flops, pick_device
+from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
 from .tasks import make_task
 
 
@@ -195,7 +195,7 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
 
     fwd = torch.compile(wrapped) if tc.compile else wrapped
     flops_tok = task.flops_per_token() if hasattr(task, "flops_per_token") else None
-    peak = peak_flops(device, precision) if flops_tok else None
+    peak = PeakFlops(device, precision, log) if flops_tok else None  # MFU's denominator, never below what we reach
     metrics = _Metrics(run_dir, main, tc.tensorboard, log)
     model_line, train_line = task.describe(model, accum)
     log(
@@ -299,7 +299,7 @@ def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, 
                 t_log, tok_log = now, tokens
                 p = progress_of(step, tokens, elapsed)
                 eta = elapsed * (1 - p) / p if p > 0 else 0.0
-                mfu = rate * flops_tok / (peak * dist_info.world) if peak else None
+                mfu = peak.mfu(rate * flops_tok / dist_info.world) if peak else None
                 extra = moe.training_metrics(model, aux_sums)  # router losses and expert load; {} for dense models
                 rec = {
                     "step": step,
