@@ -311,12 +311,13 @@ def _prepare(args):
 
 def _train(args, extra):
     from . import config as C
-    from .train.loop import train
 
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
     overrides = C.parse_overrides(extra, family)
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
@@ -377,6 +378,10 @@ def _free_run_dir(base: Path) -> Path:
 
 
 def _generate(args):
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise LmforgeError("--max-new-tokens must be at least 1")
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     import torch
 
     from .inference.engine import generate_stream
@@ -384,8 +389,6 @@ def _generate(args):
     from .inference.sampling import SamplingParams
     from .runs import load
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise LmforgeError("--max-new-tokens must be at least 1")
     max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     temperature = 0.0 if args.greedy else args.temperature
     extra = dict(
@@ -396,8 +399,6 @@ def _generate(args):
         stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop],
     )
     SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
-    if args.compile and args.quantize != "none":
-        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _generate_seq2seq(args, model, tok)
@@ -507,6 +508,8 @@ def _plot(args):
 
 
 def _bench(args):
+    if args.bench_verb not in ("matmul", "train"):
+        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
     from .train import bench
 
     if args.bench_verb == "matmul":
@@ -523,8 +526,6 @@ def _bench(args):
             ref_precision=args.ref_precision,
             device=args.device,
         )
-    else:
-        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
 
 
 def _convert(args):
@@ -555,8 +556,6 @@ def _eval_seq2seq(args, model, tok):
 def _serve(args):
     import os
 
-    from .inference.server import serve
-
     if not 0 < args.port < 65536:
         raise LmforgeError("--port must be between 1 and 65535")
     if args.max_batch < 1:
@@ -564,6 +563,8 @@ def _serve(args):
     if args.compile and args.quantize != "none":
         raise LmforgeError("--compile and --quantize are alternatives; choose one")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
+    from .inference.server import serve  # torch and the HTTP stack: only once the arguments are known to be usable
+
     serve(
         args.run,
         host=args.host,

@@ -13,10 +13,11 @@ import pytest
 import torch
 import uvicorn
 
+from lmforge.data.chat import render_chat
 from lmforge.inference.engine import generate_batch
 from lmforge.inference.quantize import pack_for_inference
 from lmforge.inference.sampling import SamplingParams
-from lmforge.inference.server import create_app, render_chat
+from lmforge.inference.server import create_app
 from lmforge.runs import load
 
 NAME = "tiny"

@@ -31,7 +31,7 @@ from ..runs import METRICS, WEIGHTS, load_config, save_config
 from .checkpoint import load_latest, save_checkpoint
 from .distributed import DistInfo, Parallel, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
-from .precision import autocast_for, choose_precision, cpu_has_native_bf16, peak_flops, pick_device
+from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
 from .state import (
     MetricsWriter,
     RunState,
@@ -285,7 +285,8 @@ class Reporter:
         self.tc, self.log, self.parallel = tc, log, setup.parallel
         self.metrics = MetricsWriter(run_dir, setup.parallel.is_main, tc.tensorboard, log)
         self.flops_per_token = task.flops_per_token()
-        self.peak = peak_flops(setup.device, setup.precision) if self.flops_per_token else None
+        # MFU denominator: never below what the run reaches
+        self.peak = PeakFlops(setup.device, setup.precision, log) if self.flops_per_token else None
         self._since = (state.tokens, state.elapsed)  # throughput is measured from the last logged step
 
     def step(self, state: RunState, result: StepResult, lr_factor: float) -> None:
@@ -294,7 +295,7 @@ class Reporter:
         self._since = (state.tokens, state.elapsed)
         p = state.progress(self.tc)
         eta = state.elapsed * (1 - p) / p if p > 0 else 0.0
-        mfu = rate * self.flops_per_token / (self.peak * self.parallel.info.world) if self.peak else None
+        mfu = self.peak.mfu(rate * self.flops_per_token / self.parallel.info.world) if self.peak else None
         extra = moe.training_metrics(self.parallel.model, result.aux)  # router losses and load; {} for dense
         lr = self.tc.lr * lr_factor
         rec = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "tokens_per_s": rate}
