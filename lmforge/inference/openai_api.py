@@ -246,37 +246,80 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class TokenStrings:
-    """How tokens are named in logprobs: the text of each token id (cached)."""
+    """How tokens are named in logprobs: each token's bytes, and a string for it no other token has.
+
+    `bytes` are the bytes the token adds to the generated text (Tokenizer.token_bytes), so joining
+    them over a choice rebuilds its content byte for byte. The string is the token's text when those
+    bytes are whole UTF-8 characters; otherwise (part of a character, or a byte_fallback `<0xNN>`
+    piece) it is OpenAI's form for undecodable tokens, "bytes:" and each byte as \\xNN (lowercase
+    hex), e.g. "bytes:\\xe6\\x95"; a text that itself starts with "bytes:" gets that form too, so no
+    two different byte strings share a name and top_logprobs never loses an alternative to a collision.
+    """
+
+    PREFIX = "bytes:"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
 
+    def bytes(self, token_id: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token_id))
+
     def text(self, token_id: int) -> str:
         t = self._text.get(token_id)
         if t is None:
-            t = self._text[token_id] = self.tokenizer.decode([token_id])
+            t = self._text[token_id] = self._name(token_id)
         return t
 
-    def bytes(self, token_id: int) -> list[int]:
-        return list(self.text(token_id).encode("utf-8"))
+    def _name(self, token_id: int) -> str:
+        b = self.tokenizer.token_bytes(token_id)
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or text.startswith(self.PREFIX) or _is_byte_piece(self.tokenizer, token_id):
+            return self.PREFIX + "".join(f"\\x{c:02x}" for c in b)
+        return text
 
 
-def completion_logprobs(entries: list[TokenLogprob], names: TokenStrings, offset: int = 0) -> dict:
+def _is_byte_piece(tokenizer, token_id: int) -> bool:
+    """A byte_fallback `<0xNN>` piece (one raw byte, even when that byte is ASCII)."""
+    hf = getattr(tokenizer, "hf", None)
+    piece = hf.id_to_token(token_id) if hf is not None else None
+    return bool(piece) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
+class TextOffsets:
+    """text_offset of tokens in a choice's text: the index of the character a token's first byte belongs to.
+
+    Counted from the tokens' bytes (a character starts at each byte that is not a UTF-8 continuation
+    byte 0b10xxxxxx), so it stays right across stream chunks and for tokens holding part of a character.
+    """
+
+    def __init__(self):
+        self.chars = 0  # characters started by the bytes seen so far
+
+    def next(self, token_bytes: bytes) -> int:
+        offset = self.chars - (1 if token_bytes and _continues(token_bytes[0]) and self.chars else 0)
+        self.chars += sum(not _continues(c) for c in token_bytes)
+        return offset
+
+
+def _continues(byte: int) -> bool:
+    return byte & 0xC0 == 0x80
+
+
+def completion_logprobs(entries: list[TokenLogprob], names: TokenStrings, offsets: TextOffsets | None = None) -> dict:
     """The completions endpoint's logprobs object: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset.
 
-    offset: characters of this choice's text before the first entry (streaming continues a choice).
+    offsets: the choice's running offsets (streaming continues a choice across chunks); None = from 0.
     """
-    tokens = [names.text(e.token_id) for e in entries]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
+    offsets = offsets or TextOffsets()
     return {
-        "tokens": tokens,
+        "tokens": [names.text(e.token_id) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [{names.text(i): lp for i, lp in e.top} for e in entries],
-        "text_offset": offsets,
+        "text_offset": [offsets.next(names.tokenizer.token_bytes(e.token_id)) for e in entries],
     }
 
 
@@ -355,16 +398,15 @@ class CompletionFormat(ResponseFormat):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._offsets: dict[int, int] = {}  # characters of each choice's text streamed so far
+        self._offsets: dict[int, TextOffsets] = {}  # each choice's text_offset counter, across stream chunks
 
     def choice(self, index: int, result: RowResult) -> dict:
         lp = completion_logprobs(result.logprobs, self.names) if self.logprobs else None
         return {"index": index, "text": result.text, "finish_reason": result.finish_reason, "logprobs": lp}
 
     def chunk_choice(self, out: Output, index: int) -> dict:
-        offset = self._offsets.get(index, 0)
-        lp = completion_logprobs(out.logprobs, self.names, offset) if self.logprobs else None
-        self._offsets[index] = offset + len(out.text)
+        offsets = self._offsets.setdefault(index, TextOffsets())
+        lp = completion_logprobs(out.logprobs, self.names, offsets) if self.logprobs else None
         return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
 
 
