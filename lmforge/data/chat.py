@@ -2,6 +2,8 @@
 
     load_chat_template(run_dir)             the run's own template (Hugging Face conventions), or None
     render_chat(messages, template, tok)    (prompt text, extra stop strings)
+    encode_chat(messages, template, tok)    (prompt token ids, extra stop strings): the template's
+                                            control tokens by id, the messages' text as text
 
 A run directory with a Hugging Face `tokenizer_config.json` holding a `chat_template` (or a
 `chat_template.jinja` file) uses that Jinja template, rendered in a sandbox as transformers does
@@ -15,6 +17,14 @@ the model's answer ends where it would start the user's next turn:
     ...
     Assistant:
 
+Text from users is text: a message that contains "<|im_end|>" or "<|endoftext|>" must not end its turn
+or its document. So `encode_chat` tells the template's text from the messages' text: it renders the
+template a second time with a unique placeholder for each message's content, and where putting the
+contents back into that rendering gives the real one, it knows exactly which characters came from
+the messages. Special tokens are then read from the template's characters only; the messages' are
+encoded as ordinary text. (A template that changes the content, say with `| trim`, defeats the
+placeholders: then a message holding special-token text is refused, since it could not be kept apart.)
+
 The server renders chat requests here; chat fine-tuning renders its training conversations the same way.
 """
 
@@ -22,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import uuid
 from pathlib import Path
 
 from ..errors import LmforgeError
@@ -101,3 +113,73 @@ def _compile(template: str):
         return env.from_string(template)
     except TemplateError as e:
         raise ChatTemplateError(f"chat template: {e}") from None
+
+
+def encode_chat(messages: list[dict], template: str | None, tokenizer) -> tuple[list[int], list[str]]:
+    """(prompt token ids, extra stop strings) for messages: the template's control tokens by id, message text as text.
+
+    Raises ChatTemplateError as render_chat does, and when a message holds special-token text that the
+    template transforms (so its place in the rendered prompt cannot be told from the template's own).
+    """
+    text, stop = render_chat(messages, template, tokenizer)
+    if template is None:  # the plain template has no control tokens: all of it is text
+        return tokenizer.encode(text), stop
+    specials = _special_tokens(tokenizer)
+    spans = _message_spans(messages, template, tokenizer, text)
+    if spans is None:
+        held = [t for m in messages for t in specials if t in m["content"]]
+        if held:
+            raise ChatTemplateError(
+                f"a message contains the special token text {held[0]!r} and this chat template rewrites message "
+                "text, so it cannot be kept apart from the template's own control tokens"
+            )
+        spans = []  # every special token in the prompt is the template's
+    return _encode_outside(text, spans, specials, tokenizer), stop
+
+
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """{text: id} of the tokenizer's special (control) tokens."""
+    return {t.content: i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special and t.content}
+
+
+def _message_spans(messages: list[dict], template: str, tokenizer, text: str) -> list[tuple[int, int]] | None:
+    """Where the messages' content lies in the rendered text, as [start, end) spans; None if it cannot be known.
+
+    Renders again with a unique placeholder per message; putting each content back where its placeholder
+    landed must give `text` exactly, which also shows the template used the content unchanged.
+    """
+    tag = uuid.uuid4().hex
+    holders = [f"\ue000{tag}:{i}\ue001" for i in range(len(messages))]
+    try:
+        marked, _ = render_chat([{**m, "content": h} for m, h in zip(messages, holders)], template, tokenizer)
+    except ChatTemplateError:  # the template looks into the content (and refuses a placeholder)
+        return None
+    index = {h: i for i, h in enumerate(holders)}
+    rebuilt, spans, pos = [], [], 0
+    for piece in re.split(f"(\ue000{tag}:\\d+\ue001)", marked):
+        i = index.get(piece)
+        if i is None:
+            rebuilt.append(piece)
+            pos += len(piece)
+            continue
+        content = messages[i]["content"]
+        rebuilt.append(content)
+        spans.append((pos, pos + len(content)))
+        pos += len(content)
+    return spans if "".join(rebuilt) == text else None
+
+
+def _encode_outside(text: str, spans: list[tuple[int, int]], specials: dict[str, int], tokenizer) -> list[int]:
+    """Encode text with special tokens read only outside spans (which are encoded as plain text)."""
+    if not specials:
+        return tokenizer.encode(text)
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    ids: list[int] = []
+    plain_from = 0  # start of the text not yet encoded
+    bounds = [0] + [b for span in spans for b in span] + [len(text)]
+    for k in range(0, len(bounds), 2):  # template pieces: bounds[k]..bounds[k+1]; messages lie between them
+        for m in pattern.finditer(text, bounds[k], bounds[k + 1]):
+            ids += tokenizer.encode(text[plain_from : m.start()])
+            ids.append(specials[m.group()])
+            plain_from = m.end()
+    return ids + tokenizer.encode(text[plain_from:])

@@ -35,6 +35,7 @@ class Tokenizer:
             raise LmforgeError("tokenizer has no end-of-text token (looked for " + ", ".join(_EOS_CANDIDATES) + ")")
         self.eos_token = eos_token
         self.eos_id = vocab[eos_token]
+        hf.encode_special_tokens = True  # text from users is text: encode() splits "<|endoftext|>" like any text
 
     # --- construction -----------------------------------------------------------------------------
 
@@ -87,12 +88,23 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of text. Text is text: special-token look-alikes such as "<|endoftext|>" in it are
+        encoded as ordinary characters, unless allow_special, which makes them the control tokens.
+        Raises LmforgeError for text that is not valid Unicode (a lone surrogate such as "\\ud800")."""
+        try:
+            return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode
+            _refuse_surrogates([text])
+            raise
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once, in parallel over all cores (Rust threads)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """Encode many texts at once, in parallel over all cores (Rust threads); allow_special as in encode."""
+        try:
+            return [e.ids for e in self._encoder(allow_special).encode_batch(texts, add_special_tokens=False)]
+        except TypeError:  # the Rust side takes only valid Unicode
+            _refuse_surrogates(texts)
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -164,6 +176,25 @@ class Tokenizer:
         # that strips the first space of a text strips it from the anchor's side, not this token's.
         anchor = self.decode([self.eos_id])
         return self.decode([self.eos_id, token_id])[len(anchor) :].encode("utf-8")
+
+    def _encoder(self, allow_special: bool) -> _HFTokenizer:
+        """The `tokenizers` engine that reads special-token text as text (self.hf, once set so) or as control tokens."""
+        if not allow_special:
+            return self.hf
+        parsing = self.__dict__.get("_special_parsing")
+        if parsing is None:
+            parsing = self.__dict__["_special_parsing"] = _HFTokenizer.from_str(self.hf.to_str())
+        return parsing
+
+
+def _refuse_surrogates(texts: list[str]) -> None:
+    """LmforgeError naming the first lone UTF-16 surrogate in texts (valid JSON can carry one, as "\\ud800")."""
+    for text in texts:
+        if not isinstance(text, str):
+            return
+        for i, c in enumerate(text):
+            if "\ud800" <= c <= "\udfff":
+                raise LmforgeError(f"text is not valid Unicode: a lone surrogate U+{ord(c):04X} at character {i}")
 
 
 class StreamDecoder:

@@ -34,7 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.chat import ChatTemplateError, load_chat_template, render_chat
+from ..data.chat import encode_chat, load_chat_template
+from ..errors import LmforgeError
 from .engine import Engine, Output, Request
 from .openai_api import (
     COMPLETION_MAX_TOKENS,
@@ -243,8 +244,8 @@ class Service:
         self.check_model(body.model)
         messages = chat_messages(body)
         try:
-            text, extra_stop = render_chat(messages, self.chat_template, self.tokenizer)
-        except ChatTemplateError as e:
+            ids, extra_stop = encode_chat(messages, self.chat_template, self.tokenizer)
+        except LmforgeError as e:  # the template refuses these messages, or their text is not valid Unicode
             raise APIError(400, str(e), "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
@@ -260,7 +261,7 @@ class Service:
                 prompt_param="messages",
             )
 
-        return await self.submit(request, body, [self.tokenizer.encode(text)], params, ChatFormat, body.logprobs)
+        return await self.submit(request, body, [ids], params, ChatFormat, body.logprobs)
 
     # --- the shared path --------------------------------------------------------------------------
 
