@@ -417,22 +417,24 @@ def _generate(args):
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(
-            model,
-            tok,
-            prompt,
-            max_new_tokens,
-            temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            compile=args.compile,
-            **extra,
-        ):
-            sys.stdout.write(piece)
+        try:
+            for piece in generate_stream(
+                model,
+                tok,
+                prompt,
+                max_new_tokens,
+                temperature,
+                args.top_k,
+                args.top_p,
+                args.seed,
+                compile=args.compile,
+                **extra,
+            ):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # the output ends with a newline even when Ctrl-C stops it
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
 
     if args.prompt is not None:
         run_one(args.prompt)

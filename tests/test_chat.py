@@ -102,3 +102,24 @@ def test_encode_chat_refuses_look_alikes_a_template_rewrites(chatml_tokenizer):
     twice = "{% for m in messages %}{{ m['content'] }}<|im_end|>{{ m['content'] }}{% endfor %}"
     ids, _ = encode_chat([{"role": "user", "content": "<|im_end|>"}], twice, tok)
     assert ids.count(end) == 1
+
+
+@pytest.mark.parametrize(
+    "template,fragment",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took longer"),
+        ("{% set xs = range(100000)|list %}{% for a in xs %}{% for b in xs %}{% endfor %}{% endfor %}", "took longer"),
+        ("{{ 'x' * 10000000000 }}", "repeats a sequence"),
+        ("{{ 10 ** 100000000 }}", "power too large"),
+        ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ],
+)
+def test_expensive_templates_are_stopped(small_tokenizer, template, fragment):
+    import time
+
+    began = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=fragment):
+        encode_chat([{"role": "user", "content": "hi"}], template, small_tokenizer, timeout=0.3)
+    assert time.monotonic() - began < 5
+    # cheap templates render as before under a limit
+    assert render_chat([{"role": "user", "content": "hi"}], CHATML, small_tokenizer, timeout=0.3)[0].startswith("<|im")

@@ -420,7 +420,10 @@ def generate_batch(
     max_batch: int = 64,
     compile: bool = False,
 ) -> list[Completion]:
-    """Complete many prompts (texts or token id lists) together; one Completion per prompt, in order."""
+    """Complete many prompts (texts or token id lists) together; one Completion per prompt, in order.
+
+    A Completion's text is the new text only (not the prompt), as generate_stream yields it.
+    """
     if not prompts:
         return []
     params = params if params is not None else SamplingParams()
@@ -506,7 +509,7 @@ def generate_stream(
     compile: bool = False,
     **extra,
 ) -> Iterator[str]:
-    """Yield text pieces as they are generated (never splitting a character).
+    """Yield the new text (not the prompt) in pieces as it is generated, never splitting a character.
 
     compile: torch.compile the decode step (the cache then spans the whole context, so every
     prompt reuses one compiled step). extra: the other SamplingParams fields (min_p,
@@ -536,7 +539,11 @@ def generate(
     seed: int | None = None,
     **extra,
 ) -> str:
-    """The prompt followed by its generated continuation, as text."""
+    """The prompt followed by its generated continuation, as text (prompt + completion).
+
+    Unlike generate_stream and generate_batch, which give only the new text, the result starts
+    with the prompt, so it reads as the whole passage (kept so since the first release).
+    """
     return prompt + "".join(
         generate_stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, **extra)
     )

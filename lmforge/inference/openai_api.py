@@ -18,9 +18,9 @@ stream_options.include_usage asks for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .engine import Output, TokenLogprob
 from .sampling import SamplingParams
@@ -57,18 +57,31 @@ def error_body(message: str, param=None, code=None, kind="invalid_request_error"
 
 def validation_error(errors: list[dict]) -> APIError:
     """One 400 error for pydantic's list of validation errors (the first one, named by its field path)."""
-    err = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    # an error our own checks raised (e.g. a lone surrogate) says more than another union branch's mismatch
+    err = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else None)
+    err = err or {"msg": "invalid request", "loc": ()}
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     if err.get("type") == "json_invalid":
         return APIError(400, "request body is not valid JSON", None, "invalid_json")
     if err.get("type") == "model_attributes_type" or not loc:
         return APIError(400, f"request body must be a JSON object: {err['msg']}")
     # drop pydantic's union-branch names (e.g. "str", "list[int]") from the field path
-    path = ".".join(x for x in loc if not (x.startswith(("str", "list", "dict", "int")) or x in ("function-after",)))
+    path = ".".join(x for x in loc if not x.startswith(("str", "list", "dict", "int", "function-after")))
     return APIError(400, f"{path or loc[0]}: {err['msg']}", path or loc[0])
 
 
 # --- request bodies -------------------------------------------------------------------------------
+
+
+def _unicode(text: str) -> str:
+    """Refuse a lone UTF-16 surrogate: JSON can carry one ("\\ud800"), but it is no character, so no text holds it."""
+    for i, c in enumerate(text):
+        if "\ud800" <= c <= "\udfff":
+            raise ValueError(f"not valid Unicode: a lone surrogate U+{ord(c):04X} at character {i}")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a request carries
 
 
 class _Body(BaseModel):
@@ -83,7 +96,7 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """The fields completions and chat share: the model, sampling settings, n, streaming."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -97,13 +110,13 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-text")
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -111,21 +124,21 @@ class SamplingFields(_Body):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
 
 class ContentPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[Text, list[ContentPart], None] = None
 
 
 class ChatRequest(SamplingFields):
