@@ -51,13 +51,15 @@ def prepare(
     shard_tokens: int = 100_000_000,
     batch_chars: int = 4_000_000,
     progress: bool = True,
+    allow_special: bool = False,
 ) -> PrepareStats:
     """Tokenise a corpus into train/val shards under out_dir, streaming with bounded memory.
 
     Text is cut into pieces (whole small documents; long ones split at line breaks); every
     `round(1/val_fraction)`-th piece goes to validation, so the split is deterministic and
     even a single-file corpus gets a validation set. Pieces are tokenised in parallel batches of about
-    `batch_chars` characters; the end-of-text id follows the last piece of every document.
+    `batch_chars` characters. Documents are separated by one end-of-text id, which we add; text in them that
+    looks like a special token ("<|endoftext|>") is encoded as ordinary text unless allow_special.
     Raises LmforgeError when the corpus holds no usable text.
     """
     out_dir = Path(out_dir)
@@ -75,7 +77,7 @@ def prepare(
     documents = _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS)
     try:
         for batch in _batches(_pieces(documents, chunk_chars, every, stats), batch_chars):
-            encoded = tokenizer.encode_batch([text for _, text, _ in batch])
+            encoded = tokenizer.encode_batch([text for _, text, _ in batch], allow_special=allow_special)
             for (split, _, ends_doc), ids in zip(batch, encoded):
                 ids = ids + [tokenizer.eos_id] if ends_doc else ids
                 writers.write(split, ids)
@@ -201,7 +203,8 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
             raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
         return Path(spec), Tokenizer.from_file(tok_path)
     files = discover(spec)
-    key_parts = [corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]
+    # version 2: special-token text in documents is encoded as text (version 1 turned it into control tokens)
+    key_parts = [corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 2]
     if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
         key_parts.append("split_digits")
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
