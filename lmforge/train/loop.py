@@ -28,7 +28,7 @@ from ..config import Config
 from ..errors import LmforgeError
 from ..models import build_model, moe
 from ..runs import METRICS, WEIGHTS, load_config, save_config
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
 from .distributed import DistInfo, Parallel, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
 from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
@@ -358,5 +358,6 @@ def restore(setup: Setup, saved: dict, run_dir: Path, log) -> RunState:
     state = RunState.from_dict(saved)
     if setup.parallel.is_main:
         truncate_metrics(run_dir / METRICS, state.step)
+        remove_stale_temporaries(run_dir)
     log(f"resuming {run_dir} at step {state.step} ({state.tokens:,} tokens, {state.elapsed:.0f}s)")
     return state

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,11 +42,9 @@ from ..inference.beam import translate
 from ..inference.engine import generate
 from ..io import write_json_atomic
 from ..models.loss import lm_loss, predicted_tokens, seq2seq_loss
-from ..runs import TOKENIZER
+from ..runs import DATA_INFO, TOKENIZER, read_data_info
 from .distributed import barrier
 from .precision import flops_per_token
-
-DATA_INFO = "data.json"  # in a run directory: where its training data is (shards, or a pairs file / demo)
 
 
 class Task(Protocol):
@@ -139,6 +136,7 @@ class LMTask:
         self.train_data.check(seq_len, mc.vocab_size)
         if self.val_data.total < 2:
             raise LmforgeError(f"validation split in {shard_dir} is empty")
+        self.val_data.check_vocab(mc.vocab_size)
         self.micro_tokens = self.tc.batch_size * seq_len * self.world  # tokens per micro-step, all ranks together
         self.byte_lengths = torch.tensor(
             self.tokenizer.token_byte_lengths() + [0] * (mc.vocab_size - self.tokenizer.vocab_size)
@@ -213,9 +211,11 @@ class LMTask:
 
 def _resume_shard_dir(run_dir: Path) -> Path:
     """The shard directory a decoder run was trained on, from its data.json."""
-    info = run_dir / DATA_INFO
-    shard_dir = Path(json.loads(info.read_text())["shards"]) if info.is_file() else None
-    if shard_dir is None or not shard_dir.is_dir():
+    shards = read_data_info(run_dir).get("shards")
+    if not isinstance(shards, str):
+        raise LmforgeError(f"cannot resume {run_dir}: its {DATA_INFO} does not say where the prepared shards are")
+    shard_dir = Path(shards)
+    if not shard_dir.is_dir():
         raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
     return shard_dir
 
@@ -318,14 +318,14 @@ class Seq2SeqTask:
 
 def _data_from_info(run_dir: Path):
     """The Demo or the pairs file a run was trained on (checked unchanged), from its data.json."""
-    path = run_dir / DATA_INFO
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"cannot resume {run_dir}: unreadable {path} ({e})") from None
+    info = read_data_info(run_dir)
     if "demo" in info:
+        if not isinstance(info["demo"], str):
+            raise LmforgeError(f"cannot resume {run_dir}: its {DATA_INFO} names no demo")
         return demo(info["demo"])
-    data = Path(info.get("data", ""))
+    if not isinstance(info.get("data"), str):
+        raise LmforgeError(f"cannot resume {run_dir}: its {DATA_INFO} does not say which pairs file it trained on")
+    data = Path(info["data"])
     if not data.is_file():
         raise LmforgeError(f"cannot resume {run_dir}: its data file {data} is gone")
     if file_fingerprint(data) != info.get("sha256"):
