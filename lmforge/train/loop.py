@@ -7,7 +7,8 @@
     start         builds the Setup (and loads the latest checkpoint's weights when resuming)
     train_step    one optimizer step: accumulate micro-batches, clip, step; a plain function, testable alone
     Reporter      the log lines and metrics.jsonl records of steps and evaluations
-    validate      evaluation (+ a sample), save / restore   the checkpoint round trip of a `state.RunState`
+    validate      an evaluation, and a sample when the model can generate on one rank
+    save/restore  the checkpoint round trip: weights, `state.RunState`, optimizer, scaler and RNG states
 
 Budget and clock live on the `RunState` (state.py); every DDP/FSDP detail lives in distributed.py.
 """
@@ -94,6 +95,7 @@ def train(
 def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, device, dist_info) -> RunResult:
     # start: the config, the task (data, tokenizer), the model it needs, wrapped and with its optimizers
     cfg = load_config(run_dir) if resume else _check_new_run(cfg, run_dir)
+    _check_budget(cfg.train)
     task = make_task(cfg, run_dir, data, resume, cache_root, log, dist_info)
     cfg = dataclasses.replace(cfg, model=task.model_config)
     if getattr(task, "tokens_per_step", None):  # fixed for the run, whatever the number of processes later
@@ -153,10 +155,12 @@ def _check_new_run(cfg: Config, run_dir: Path) -> Config:
             f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run"
         )
     cfg.validate()
-    tc = cfg.train
+    return cfg
+
+
+def _check_budget(tc) -> None:
     if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
         raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
-    return cfg
 
 
 # --- start ----------------------------------------------------------------------------------------
