@@ -307,13 +307,14 @@ def consolidate(run_dir: Path, log=print) -> Path:
     from ..runs import load_config
 
     run_dir = Path(run_dir)
+    model_cfg = load_config(run_dir).model  # one line if RUN is not a run directory
     ckpt = latest_checkpoint(run_dir)
     step = (_read_manifest(ckpt) or {}).get("step")
     if not is_sharded(ckpt):
         with atomic_path(run_dir / WEIGHTS) as t:
             shutil.copyfile(ckpt / WEIGHTS, t)
     else:
-        model = build_model(load_config(run_dir).model)
+        model = build_model(model_cfg)
         sd = get_model_state_dict(model)
         _dcp_load({"model": sd}, ckpt, alone=True)  # the weights only: DCP reads just the keys asked for
         set_model_state_dict(model, sd)
