@@ -164,9 +164,7 @@ class Engine:
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = (
-                    True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
-                )
+                inductor_config.freezing = True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
             self._compiled = torch.compile(model, dynamic=False)
 
     # --- admission ------------------------------------------------------------------------------
