@@ -164,7 +164,8 @@ class Engine:
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
+                # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
+                inductor_config.freezing = True
             self._compiled = torch.compile(model, dynamic=False)
 
     # --- admission ------------------------------------------------------------------------------
@@ -487,7 +488,8 @@ def truncate_prompt(ids: list[int], model, max_new_tokens: int, warn: bool = Tru
     if len(ids) > room:
         if warn:
             print(
-                f"warning: prompt of {len(ids)} tokens is longer than the context allows; keeping its last {room} tokens",
+                f"warning: prompt of {len(ids)} tokens is longer than the context allows; "
+                f"keeping its last {room} tokens",
                 file=sys.stderr,
             )
         ids = ids[-room:]
