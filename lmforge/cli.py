@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
-# lmforge.inference.quantize.QUANTIZE (not imported here: it loads torch)
+# The choices of lmforge.inference.quantize.QUANTIZE, not imported from there: that loads torch.
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory for the shards")
     pr.add_argument("--val-fraction", type=float, default=0.01)
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    pr.add_argument(
+        "--allow-special",
+        action="store_true",
+        help='read special-token text in documents ("<|endoftext|>") as control tokens (default: as plain text)',
+    )
 
     tr = sub.add_parser(
         "train",
@@ -140,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)",
+        help="loss, perplexity, bits per byte and next-token accuracy of a run on some text "
+        "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
     ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
@@ -189,7 +195,12 @@ def _parser() -> argparse.ArgumentParser:
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
     direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
-    cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    direction.add_argument(
+        "--consolidate",
+        metavar="RUN",
+        help="write RUN/model.safetensors from RUN's latest checkpoint (a sharded FSDP run's, in one process)",
+    )
+    cv.add_argument("--out", help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
     return p
 
 
@@ -298,7 +309,13 @@ def _prepare(args):
     if not 0 < args.val_fraction < 0.5:
         raise LmforgeError("--val-fraction must be in (0, 0.5)")
     stats = prepare(
-        _data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty()
+        _data_spec(args.data),
+        tok,
+        args.out,
+        args.val_fraction,
+        args.shard_tokens,
+        progress=sys.stderr.isatty(),
+        allow_special=args.allow_special,
     )
     with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
         tok.hf.save(str(tmp))
@@ -320,7 +337,8 @@ def _train(args, extra):
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
-                "--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides"
+                "--resume continues a run as it was configured; "
+                "it takes no data, task, demo, preset, config or overrides"
             )
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
@@ -408,22 +426,24 @@ def _generate(args):
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(
-            model,
-            tok,
-            prompt,
-            max_new_tokens,
-            temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            compile=args.compile,
-            **extra,
-        ):
-            sys.stdout.write(piece)
+        try:
+            for piece in generate_stream(
+                model,
+                tok,
+                prompt,
+                max_new_tokens,
+                temperature,
+                args.top_k,
+                args.top_p,
+                args.seed,
+                compile=args.compile,
+                **extra,
+            ):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # the output ends with a newline even when Ctrl-C stops it
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
 
     if args.prompt is not None:
         run_one(args.prompt)
@@ -488,7 +508,8 @@ def _eval(args):
         pack_for_inference(model, args.quantize)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(
-        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}"
+        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
+        f"| bits/byte {res['bits_per_byte']:.4f} | top-1 {100 * res['acc']:.1f}% | top-5 {100 * res['top5']:.1f}%"
     )
     if "moe_routing" in res:
         from .models.moe import routing_table
@@ -528,6 +549,13 @@ def _bench(args):
 def _convert(args):
     from .interop import hf as interop
 
+    if args.consolidate:
+        from .train.checkpoint import consolidate
+
+        consolidate(args.consolidate)
+        return
+    if not args.out:
+        raise LmforgeError("convert needs --out (the run directory or Hugging Face folder to write)")
     if args.from_hf:
         out = interop.from_hf(args.from_hf, args.out)
         print(f"converted {args.from_hf} -> lmforge run {out}")

@@ -4,8 +4,11 @@ runs/NAME/config.json        model family ("decoder" or "seq2seq") + model and t
 runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format); for seq2seq the target one
 runs/NAME/source_tokenizer.json   seq2seq only, when source and target vocabularies are separate
 runs/NAME/model.safetensors  weights
-runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
 runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
+runs/NAME/data.json          what the run trained on (the prepared shards, or the pairs / demo), for --resume
+runs/NAME/checkpoints/step_NNNNNNN/, best/   model.safetensors, trainer_state.pt (optimizer, step, RNG states;
+                             torch.load(weights_only=True)) and manifest.json (sizes and hashes): see
+                             lmforge/train/checkpoint.py
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ TOKENIZER = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
+DATA_INFO = "data.json"  # where a run's training data is (the shards, or a pairs file / demo), for --resume
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
@@ -55,6 +59,20 @@ def load_config(run_dir: str | Path) -> Config:
     cfg = Config.from_dict(d, family)
     cfg.validate()
     return cfg
+
+
+def read_data_info(run_dir: Path) -> dict:
+    """A run's data.json as a dict; LmforgeError (one line) when it is missing, unreadable or not a JSON object."""
+    path = Path(run_dir) / DATA_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"cannot resume {run_dir}: it has no {DATA_INFO} (where its training data is)") from None
+    except (OSError, ValueError) as e:
+        raise LmforgeError(f"cannot resume {run_dir}: unreadable {path} ({e})") from None
+    if not isinstance(info, dict):
+        raise LmforgeError(f"cannot resume {run_dir}: corrupt {path} (not a JSON object)")
+    return info
 
 
 def weights_for_saving(model) -> dict[str, torch.Tensor]:
@@ -92,13 +110,15 @@ def load_weights(path: Path, model) -> dict:
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:
         raise LmforgeError(
-            f"weights in {path} do not match the model config (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
+            f"weights in {path} do not match the model config "
+            f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
     for k, v in sd.items():
         want = model.state_dict()[k].shape
         if v.shape != want:
             raise LmforgeError(
-                f"weights in {path} do not match the model config: {k} has shape {tuple(v.shape)}, expected {tuple(want)}"
+                f"weights in {path} do not match the model config: "
+                f"{k} has shape {tuple(v.shape)}, expected {tuple(want)}"
             )
     model.load_state_dict(sd, strict=False)
     return meta
@@ -150,7 +170,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         tokenizer = load_tokenizer(run_dir)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise LmforgeError(
-                f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}"
+                f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens "
+                f"but the model's vocabulary is {cfg.model.vocab_size}"
             )
     model = build_model(cfg.model)
     load_weights(run_dir / WEIGHTS, model)
