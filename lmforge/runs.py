@@ -32,6 +32,7 @@ TOKENIZER = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
+CHAT_TEMPLATE = "chat_template.jinja"
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:

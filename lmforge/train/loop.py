@@ -182,6 +182,8 @@ def start(cfg: Config, task: Task, run_dir: Path, resume: bool, device, dist_inf
     model = build_model(task.model_config)
     model.activation_checkpointing = tc.activation_checkpointing
     saved = load_latest(run_dir, model) if resume else None
+    if saved is None:
+        task.init_model(model)  # the random init stays, or (fine-tuning) the base run's weights
     model.to(device)
     parallel = wrap(model, tc.parallel, dist_info, device)
     setup = Setup(
