@@ -263,3 +263,62 @@ def test_server_prompt_is_what_training_saw(tiny_run, tmp_path, capsys, monkeypa
     assert (
         seen[0] == ids[: len(seen[0])] and trained[len(seen[0])] and not any(trained[len(seen[0]) - 3 : len(seen[0])])
     )
+
+
+FRUIT = {"apple": "red", "banana": "yellow", "lime": "green", "plum": "purple", "kiwi": "brown", "cherry": "red"}
+
+
+def fruit_chats(n, seed):
+    """Conversations asking a fruit's colour, in one or two exchanges (short: the test tokenizer spells most words
+    letter by letter, and tiny_run's context is 64 tokens)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        m = []
+        for _ in range(rng.choice((1, 2))):
+            f = rng.choice(sorted(FRUIT))
+            m += [{"role": "user", "content": f"{f}?"}, {"role": "assistant", "content": FRUIT[f]}]
+        out.append(m)
+    return out
+
+
+def finetune_and_serve(tiny_run, tmp_path, capsys, steps):
+    """Fine-tune tiny_run on fruit chats for `steps` steps, then ask the served model 40 held-out chats:
+    (served replies, expected replies, the offline greedy replies to the same chats)."""
+    from lmforge.inference.chat_session import replies
+
+    data = tmp_path / "fruit.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in fruit_chats(600, seed=0)))
+    out = tmp_path / "fruit-chat"
+    args = ["--max-steps", steps, "--lr", "3e-3", "--eval_interval", steps, "--sample_tokens", 6, "--out", out]
+    code, log, err = run_cli(
+        capsys, "finetune", tiny_run, "--data", data, "--device", "cpu", "--precision", "fp32", *args
+    )
+    assert code == 0, err
+    model, tok = load(out)
+    held_out = fruit_chats(40, seed=99)
+    got = []
+    with TestClient(server.create_app(model, tok, "m", chat_template=server.load_chat_template(out))) as client:
+        for c in held_out:
+            body = {"model": "m", "messages": c[:-1], "max_tokens": 6, "temperature": 0}
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            got.append(r.json()["choices"][0]["message"]["content"])
+    offline = replies(model, tok, server.load_chat_template(out), [c[:-1] for c in held_out], 6)
+    return got, [c[-1]["content"] for c in held_out], offline
+
+
+def test_finetune_then_serve_quick(tiny_run, tmp_path, capsys):
+    """A short fine-tune: the served chat replies are the model's greedy replies in the run's template."""
+    got, _, offline = finetune_and_serve(tiny_run, tmp_path, capsys, 10)
+    assert got == offline
+
+
+@pytest.mark.slow
+def test_finetune_then_serve_answers_held_out_chats(tiny_run, tmp_path, capsys):
+    """End to end: fine-tune a tiny pretrained run on a generated chat task; the served model answers held-out
+    chats well above chance (always answering the commonest colour is right for 2 of 6 fruits)."""
+    got, expected, _ = finetune_and_serve(tiny_run, tmp_path, capsys, 150)
+    accuracy = sum(g.strip() == e for g, e in zip(got, expected)) / len(expected)
+    print(f"held-out accuracy {accuracy:.2f}")
+    assert accuracy > 0.6, list(zip(got, expected))
