@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory for the shards")
     pr.add_argument("--val-fraction", type=float, default=0.01)
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    pr.add_argument(
+        "--allow-special",
+        action="store_true",
+        help='read special-token text in documents ("<|endoftext|>") as control tokens (default: as plain text)',
+    )
 
     tr = sub.add_parser(
         "train",
@@ -325,7 +330,13 @@ def _prepare(args):
     if not 0 < args.val_fraction < 0.5:
         raise LmforgeError("--val-fraction must be in (0, 0.5)")
     stats = prepare(
-        _data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty()
+        _data_spec(args.data),
+        tok,
+        args.out,
+        args.val_fraction,
+        args.shard_tokens,
+        progress=sys.stderr.isatty(),
+        allow_special=args.allow_special,
     )
     with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
         tok.hf.save(str(tmp))
@@ -469,22 +480,24 @@ def _generate(args):
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(
-            model,
-            tok,
-            prompt,
-            max_new_tokens,
-            temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            compile=args.compile,
-            **extra,
-        ):
-            sys.stdout.write(piece)
+        try:
+            for piece in generate_stream(
+                model,
+                tok,
+                prompt,
+                max_new_tokens,
+                temperature,
+                args.top_k,
+                args.top_p,
+                args.seed,
+                compile=args.compile,
+                **extra,
+            ):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # the output ends with a newline even when Ctrl-C stops it
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
 
     if args.chat:
         return _chat(args, model, tok, SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra))

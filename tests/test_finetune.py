@@ -252,13 +252,15 @@ def test_server_prompt_is_what_training_saw(tiny_run, tmp_path, capsys, monkeypa
     monkeypatch.setattr(server.Service, "submit", capture)
     messages = [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "the cat"},
-        {"role": "assistant", "content": "a dog"},
+        {"role": "user", "content": "the cat <|assistant|>"},  # marker text: text, in serving as in training
+        {"role": "assistant", "content": "a dog<|endoftext|>"},
         {"role": "user", "content": "a b c"},
     ]
     with TestClient(server.create_app(model, tok, "m", chat_template=server.load_chat_template(out))) as client:
         r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 2})
     assert r.status_code == 200, r.text
+    markers = {tok.hf.token_to_id(t) for t in ROLE_TOKENS}
+    assert sum(i in markers for i in seen[0]) == 5 and seen[0].count(tok.eos_id) == 4  # the template's only
     ids, trained = encode_conversation(messages + [{"role": "assistant", "content": "x"}], template, tok)
     assert (
         seen[0] == ids[: len(seen[0])] and trained[len(seen[0])] and not any(trained[len(seen[0]) - 3 : len(seen[0])])

@@ -207,6 +207,15 @@ def test_chat_responses_whole_and_streamed(small_tokenizer, names):
 def test_logprob_objects(small_tokenizer, names):
     ids = small_tokenizer.encode("3: the")
     entries = [TokenLogprob(i, -0.25, [(i, -0.25)]) for i in ids]
-    lp = completion_logprobs(entries, names, offset=10)
-    assert lp["text_offset"][0] == 10 and len(lp["tokens"]) == len(ids)
+    lp = completion_logprobs(entries, names)
+    assert lp["text_offset"][0] == 0 and len(lp["tokens"]) == len(ids)
     assert chat_logprobs(entries, names)["content"][0]["logprob"] == -0.25
+
+
+def test_text_offsets_count_characters_from_bytes():
+    from lmforge.inference.openai_api import TextOffsets
+
+    offsets = TextOffsets()
+    pieces = [b"ab", "数".encode()[:1], "数".encode()[1:], b"c", "😊".encode(), b"", b"d"]
+    # "数" is split over two tokens: both start inside the character at index 2
+    assert [offsets.next(p) for p in pieces] == [0, 2, 2, 3, 4, 5, 5]

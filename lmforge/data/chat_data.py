@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import ChatTemplateError, render_chat
+from .chat import ChatTemplateError, encode_chat, render_chat
 from .pairs import IGNORE
 
 ROLES = ("system", "user", "assistant")
@@ -253,7 +253,7 @@ _HOLDER = re.compile(f"(\ue000{_TAG}:\\d+\ue001)")
 
 
 def _render(messages, template: str, tokenizer, add_generation_prompt: bool) -> str:
-    return render_chat(messages, template, tokenizer, add_generation_prompt)[0]
+    return render_chat(messages, template, tokenizer, add_generation_prompt=add_generation_prompt)[0]
 
 
 def _content_spans(messages, template, tokenizer, text: str, add_generation_prompt: bool):
@@ -313,9 +313,10 @@ def _encode_text(messages, template, tokenizer, add_generation_prompt: bool):
 
 def encode_prompt(messages: list[dict], template: str | None, tokenizer) -> list[int]:
     """Token ids a model is given to reply to messages: the template with its generation prompt, control tokens
-    by id, message text as text (template None: the plain template, all text). Raises ChatTemplateError when
-    the template refuses the messages."""
-    return _encode_text(messages, template, tokenizer, True)[1]
+    by id, message text as text (template None: the plain template, all text). The server's encoding
+    (`chat.encode_chat`); a prefix of what `encode_conversation` gives for the conversation with the reply.
+    Raises ChatTemplateError when the template refuses the messages."""
+    return encode_chat(messages, template, tokenizer)[0]
 
 
 def encode_conversation(

@@ -27,9 +27,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except ValueError:
             continue  # a line cut short by a crash
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 

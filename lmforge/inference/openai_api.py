@@ -18,9 +18,9 @@ stream_options.include_usage asks for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .engine import Output, TokenLogprob
 from .sampling import SamplingParams
@@ -57,18 +57,31 @@ def error_body(message: str, param=None, code=None, kind="invalid_request_error"
 
 def validation_error(errors: list[dict]) -> APIError:
     """One 400 error for pydantic's list of validation errors (the first one, named by its field path)."""
-    err = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    # an error our own checks raised (e.g. a lone surrogate) says more than another union branch's mismatch
+    err = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else None)
+    err = err or {"msg": "invalid request", "loc": ()}
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     if err.get("type") == "json_invalid":
         return APIError(400, "request body is not valid JSON", None, "invalid_json")
     if err.get("type") == "model_attributes_type" or not loc:
         return APIError(400, f"request body must be a JSON object: {err['msg']}")
     # drop pydantic's union-branch names (e.g. "str", "list[int]") from the field path
-    path = ".".join(x for x in loc if not (x.startswith(("str", "list", "dict", "int")) or x in ("function-after",)))
+    path = ".".join(x for x in loc if not x.startswith(("str", "list", "dict", "int", "function-after")))
     return APIError(400, f"{path or loc[0]}: {err['msg']}", path or loc[0])
 
 
 # --- request bodies -------------------------------------------------------------------------------
+
+
+def _unicode(text: str) -> str:
+    """Refuse a lone UTF-16 surrogate: JSON can carry one ("\\ud800"), but it is no character, so no text holds it."""
+    for i, c in enumerate(text):
+        if "\ud800" <= c <= "\udfff":
+            raise ValueError(f"not valid Unicode: a lone surrogate U+{ord(c):04X} at character {i}")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a request carries
 
 
 class _Body(BaseModel):
@@ -83,7 +96,7 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """The fields completions and chat share: the model, sampling settings, n, streaming."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -97,13 +110,13 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-text")
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -111,21 +124,21 @@ class SamplingFields(_Body):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
 
 class ContentPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[Text, list[ContentPart], None] = None
 
 
 class ChatRequest(SamplingFields):
@@ -246,37 +259,80 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class TokenStrings:
-    """How tokens are named in logprobs: the text of each token id (cached)."""
+    """How tokens are named in logprobs: each token's bytes, and a string for it no other token has.
+
+    `bytes` are the bytes the token adds to the generated text (Tokenizer.token_bytes), so joining
+    them over a choice rebuilds its content byte for byte. The string is the token's text when those
+    bytes are whole UTF-8 characters; otherwise (part of a character, or a byte_fallback `<0xNN>`
+    piece) it is OpenAI's form for undecodable tokens, "bytes:" and each byte as \\xNN (lowercase
+    hex), e.g. "bytes:\\xe6\\x95"; a text that itself starts with "bytes:" gets that form too, so no
+    two different byte strings share a name and top_logprobs never loses an alternative to a collision.
+    """
+
+    PREFIX = "bytes:"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
 
+    def bytes(self, token_id: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token_id))
+
     def text(self, token_id: int) -> str:
         t = self._text.get(token_id)
         if t is None:
-            t = self._text[token_id] = self.tokenizer.decode([token_id])
+            t = self._text[token_id] = self._name(token_id)
         return t
 
-    def bytes(self, token_id: int) -> list[int]:
-        return list(self.text(token_id).encode("utf-8"))
+    def _name(self, token_id: int) -> str:
+        b = self.tokenizer.token_bytes(token_id)
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or text.startswith(self.PREFIX) or _is_byte_piece(self.tokenizer, token_id):
+            return self.PREFIX + "".join(f"\\x{c:02x}" for c in b)
+        return text
 
 
-def completion_logprobs(entries: list[TokenLogprob], names: TokenStrings, offset: int = 0) -> dict:
+def _is_byte_piece(tokenizer, token_id: int) -> bool:
+    """A byte_fallback `<0xNN>` piece (one raw byte, even when that byte is ASCII)."""
+    hf = getattr(tokenizer, "hf", None)
+    piece = hf.id_to_token(token_id) if hf is not None else None
+    return bool(piece) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
+class TextOffsets:
+    """text_offset of tokens in a choice's text: the index of the character a token's first byte belongs to.
+
+    Counted from the tokens' bytes (a character starts at each byte that is not a UTF-8 continuation
+    byte 0b10xxxxxx), so it stays right across stream chunks and for tokens holding part of a character.
+    """
+
+    def __init__(self):
+        self.chars = 0  # characters started by the bytes seen so far
+
+    def next(self, token_bytes: bytes) -> int:
+        offset = self.chars - (1 if token_bytes and _continues(token_bytes[0]) and self.chars else 0)
+        self.chars += sum(not _continues(c) for c in token_bytes)
+        return offset
+
+
+def _continues(byte: int) -> bool:
+    return byte & 0xC0 == 0x80
+
+
+def completion_logprobs(entries: list[TokenLogprob], names: TokenStrings, offsets: TextOffsets | None = None) -> dict:
     """The completions endpoint's logprobs object: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset.
 
-    offset: characters of this choice's text before the first entry (streaming continues a choice).
+    offsets: the choice's running offsets (streaming continues a choice across chunks); None = from 0.
     """
-    tokens = [names.text(e.token_id) for e in entries]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
+    offsets = offsets or TextOffsets()
     return {
-        "tokens": tokens,
+        "tokens": [names.text(e.token_id) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [{names.text(i): lp for i, lp in e.top} for e in entries],
-        "text_offset": offsets,
+        "text_offset": [offsets.next(names.tokenizer.token_bytes(e.token_id)) for e in entries],
     }
 
 
@@ -355,16 +411,15 @@ class CompletionFormat(ResponseFormat):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._offsets: dict[int, int] = {}  # characters of each choice's text streamed so far
+        self._offsets: dict[int, TextOffsets] = {}  # each choice's text_offset counter, across stream chunks
 
     def choice(self, index: int, result: RowResult) -> dict:
         lp = completion_logprobs(result.logprobs, self.names) if self.logprobs else None
         return {"index": index, "text": result.text, "finish_reason": result.finish_reason, "logprobs": lp}
 
     def chunk_choice(self, out: Output, index: int) -> dict:
-        offset = self._offsets.get(index, 0)
-        lp = completion_logprobs(out.logprobs, self.names, offset) if self.logprobs else None
-        self._offsets[index] = offset + len(out.text)
+        offsets = self._offsets.setdefault(index, TextOffsets())
+        lp = completion_logprobs(out.logprobs, self.names, offsets) if self.logprobs else None
         return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
 
 

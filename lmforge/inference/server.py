@@ -34,7 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.chat import ChatTemplateError, load_chat_template, render_chat
+from ..data.chat import encode_chat, load_chat_template
+from ..errors import LmforgeError
 from .engine import Engine, Output, Request
 from .openai_api import (
     COMPLETION_MAX_TOKENS,
@@ -56,6 +57,7 @@ from .openai_api import (
 )
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes
+DEFAULT_TEMPLATE_TIMEOUT = 2.0  # seconds a chat template may take to render one request's messages
 
 
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
@@ -187,23 +189,16 @@ class Worker:
 class Service:
     """What the routes do: check a request, turn it into engine rows, submit them, and answer (whole or streamed)."""
 
-    def __init__(self, worker: Worker, tokenizer, model_name: str, api_key: str | None, chat_template: str | None):
+    def __init__(
+        self, worker: Worker, tokenizer, model_name: str, chat_template: str | None, template_timeout: float | None
+    ):
         self.worker, self.engine = worker, worker.engine
         self.tokenizer, self.model_name = tokenizer, model_name
-        self.api_key, self.chat_template = api_key, chat_template
+        self.chat_template, self.template_timeout = chat_template, template_timeout
         self.names = TokenStrings(tokenizer)
         self.created = int(time.time())
 
     # --- checks ---------------------------------------------------------------------------------
-
-    def check_auth(self, request: HTTPRequest) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(
-                401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key"
-            )
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -213,7 +208,10 @@ class Service:
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A completion prompt as token ids (an empty text starts a fresh document, as in generate)."""
-        ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]) if isinstance(prompt, str) else prompt
+        try:
+            ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]) if isinstance(prompt, str) else prompt
+        except LmforgeError as e:
+            raise APIError(400, str(e), "prompt") from None
         return check_prompt_ids(ids, self.engine.vocab)
 
     def model_card(self) -> dict:
@@ -222,7 +220,6 @@ class Service:
     # --- the endpoints ----------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: HTTPRequest):
-        self.check_auth(request)
         self.check_model(body.model)
         prompts = [self.prompt_ids(p) for p in completion_prompts(body)]
 
@@ -239,12 +236,13 @@ class Service:
         return await self.submit(request, body, prompts, params, CompletionFormat, body.logprobs is not None)
 
     async def chat(self, body: ChatRequest, request: HTTPRequest):
-        self.check_auth(request)
         self.check_model(body.model)
         messages = chat_messages(body)
-        try:
-            text, extra_stop = render_chat(messages, self.chat_template, self.tokenizer)
-        except ChatTemplateError as e:
+        try:  # in a thread, with a time limit: a slow template must not hold up the event loop
+            ids, extra_stop = await asyncio.to_thread(
+                encode_chat, messages, self.chat_template, self.tokenizer, self.template_timeout
+            )
+        except LmforgeError as e:  # the template refuses these messages or takes too long
             raise APIError(400, str(e), "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
@@ -260,7 +258,7 @@ class Service:
                 prompt_param="messages",
             )
 
-        return await self.submit(request, body, [self.tokenizer.encode(text)], params, ChatFormat, body.logprobs)
+        return await self.submit(request, body, [ids], params, ChatFormat, body.logprobs)
 
     # --- the shared path --------------------------------------------------------------------------
 
@@ -336,6 +334,26 @@ class Service:
 # --- the app --------------------------------------------------------------------------------------
 
 
+class APIKeyAuth:
+    """ASGI middleware: a /v1 request without `Authorization: Bearer KEY` gets 401 before anything reads its body."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
+            refusal = error_response(
+                401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key"
+            )
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode("latin-1"), self.key)
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies over max_bytes with 413, whether declared or streamed (chunked)."""
 
@@ -380,14 +398,16 @@ def create_app(
     chat_template: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     compile: bool = False,
+    template_timeout: float | None = DEFAULT_TEMPLATE_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI application serving `model`; the decode thread starts and stops with the app.
 
-    api_key: require `Authorization: Bearer KEY` on /v1 routes (None: open). chat_template: Jinja
-    source for chat (None: the plain template). max_body: larger request bodies get 413.
+    api_key: require `Authorization: Bearer KEY` on /v1 routes (None or "": open). chat_template:
+    Jinja source for chat (None: the plain template), rendered off the event loop and refused (400)
+    past template_timeout seconds. max_body: larger request bodies get 413.
     """
     worker = Worker(Engine(model, tokenizer, max_batch=max_batch, compile=compile))
-    service = Service(worker, tokenizer, model_name, api_key, chat_template)
+    service = Service(worker, tokenizer, model_name, chat_template, template_timeout)
 
     async def lifespan(app):
         worker.start()
@@ -402,6 +422,8 @@ def create_app(
     )
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    if api_key:  # added last, so it runs first: refused requests are not even read
+        app.add_middleware(APIKeyAuth, api_key=api_key)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -412,13 +434,11 @@ def create_app(
         return {"status": "ok", "model": model_name, **worker.load}
 
     @app.get("/v1/models")
-    async def models(request: HTTPRequest):
-        service.check_auth(request)
+    async def models():
         return {"object": "list", "data": [service.model_card()]}
 
     @app.get("/v1/models/{name}")
-    async def model_info(name: str, request: HTTPRequest):
-        service.check_auth(request)
+    async def model_info(name: str):
         if name != model_name:
             raise APIError(404, f"model {name!r} not found", "model", "model_not_found")
         return service.model_card()
@@ -478,6 +498,6 @@ def serve(
         chat_template=load_chat_template(run_dir),
         compile=compile,
     )
-    auth = "API key required" if api_key else "no API key"
+    auth = "API key required" if api_key else "no API key"  # ("" is no key, as in create_app)
     print(f"serving {name} on http://{host}:{port}/v1 ({auth}; max batch {max_batch}; docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -7,7 +7,8 @@
     start         builds the Setup (and loads the latest checkpoint's weights when resuming)
     train_step    one optimizer step: accumulate micro-batches, clip, step; a plain function, testable alone
     Reporter      the log lines and metrics.jsonl records of steps and evaluations
-    validate      evaluation (+ a sample), save / restore   the checkpoint round trip of a `state.RunState`
+    validate      an evaluation, and a sample when the model can generate on one rank
+    save/restore  the checkpoint round trip: weights, `state.RunState`, optimizer, scaler and RNG states
 
 Budget and clock live on the `RunState` (state.py); every DDP/FSDP detail lives in distributed.py.
 """
@@ -27,7 +28,7 @@ from ..config import Config
 from ..errors import LmforgeError
 from ..models import build_model, moe
 from ..runs import METRICS, WEIGHTS, load_config, save_config
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
 from .distributed import DistInfo, Parallel, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
 from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
@@ -85,6 +86,7 @@ def train(
 def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, device, dist_info) -> RunResult:
     # start: the config, the task (data, tokenizer), the model it needs, wrapped and with its optimizers
     cfg = load_config(run_dir) if resume else _check_new_run(cfg, run_dir)
+    _check_budget(cfg.train)
     task = make_task(cfg, run_dir, data, resume, cache_root, log, dist_info)
     cfg = dataclasses.replace(cfg, model=task.model_config)
     tc = cfg.train
@@ -138,10 +140,12 @@ def _check_new_run(cfg: Config, run_dir: Path) -> Config:
             f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run"
         )
     cfg.validate()
-    tc = cfg.train
+    return cfg
+
+
+def _check_budget(tc) -> None:
     if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
         raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
-    return cfg
 
 
 # --- start ----------------------------------------------------------------------------------------
@@ -356,5 +360,6 @@ def restore(setup: Setup, saved: dict, run_dir: Path, log) -> RunState:
     state = RunState.from_dict(saved)
     if setup.parallel.is_main:
         truncate_metrics(run_dir / METRICS, state.step)
+        remove_stale_temporaries(run_dir)
     log(f"resuming {run_dir} at step {state.step} ({state.tokens:,} tokens, {state.elapsed:.0f}s)")
     return state

@@ -161,14 +161,24 @@ class MetricsWriter:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
+    """Drop metric lines written after the checkpoint we resume from, and (with a warning on stderr) lines that are
+    not a JSON record: what a full disk or a power loss leaves at the end of the file."""
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    keep, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), (int, float)):
+            bad += 1
+        elif rec.get("step", 0) <= step:
+            keep.append(line)
+    if bad:
+        print(f"warning: dropped {bad} unreadable line(s) of {path} (cut short by a crash?)", file=sys.stderr)
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import shutil
@@ -57,11 +56,18 @@ from ..inference.engine import generate
 from ..io import atomic_path, write_json_atomic
 from ..models import build_model
 from ..models.loss import lm_loss, predicted_tokens, seq2seq_loss, token_cross_entropy
-from ..runs import CHAT_TEMPLATE, TOKENIZER, WEIGHTS, load_config, load_tokenizer, load_weights
+from ..runs import (
+    CHAT_TEMPLATE,
+    DATA_INFO,
+    TOKENIZER,
+    WEIGHTS,
+    load_config,
+    load_tokenizer,
+    load_weights,
+    read_data_info,
+)
 from .distributed import barrier
 from .precision import flops_per_token
-
-DATA_INFO = "data.json"  # in a run directory: where its training data is (shards, or a pairs file / demo)
 
 
 class Task(Protocol):
@@ -157,6 +163,7 @@ class LMTask:
         self.train_data.check(seq_len, mc.vocab_size)
         if self.val_data.total < 2:
             raise LmforgeError(f"validation split in {shard_dir} is empty")
+        self.val_data.check_vocab(mc.vocab_size)
         self.micro_tokens = self.tc.batch_size * seq_len * self.world  # tokens per micro-step, all ranks together
         self.byte_lengths = torch.tensor(
             self.tokenizer.token_byte_lengths() + [0] * (mc.vocab_size - self.tokenizer.vocab_size)
@@ -234,9 +241,11 @@ class LMTask:
 
 def _resume_shard_dir(run_dir: Path) -> Path:
     """The shard directory a decoder run was trained on, from its data.json."""
-    info = run_dir / DATA_INFO
-    shard_dir = Path(json.loads(info.read_text())["shards"]) if info.is_file() else None
-    if shard_dir is None or not shard_dir.is_dir():
+    shards = read_data_info(run_dir).get("shards")
+    if not isinstance(shards, str):
+        raise LmforgeError(f"cannot resume {run_dir}: its {DATA_INFO} does not say where the prepared shards are")
+    shard_dir = Path(shards)
+    if not shard_dir.is_dir():
         raise LmforgeError(f"cannot resume {run_dir}: its prepared data is gone (expected in {shard_dir})")
     return shard_dir
 
@@ -501,17 +510,9 @@ def load_base_weights(model, base_dir: Path, old_tokens: int, new_tokens: int) -
             param[len(src) :] = mean
 
 
-def _read_info(run_dir: Path) -> dict:
-    path = Path(run_dir) / DATA_INFO
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"cannot resume {run_dir}: unreadable {path} ({e})") from None
-
-
 def _chat_source_from_info(run_dir: Path) -> ChatSource:
     """What a fine-tuning run trained on (its data file checked unchanged), from its data.json."""
-    info = _read_info(run_dir)
+    info = read_data_info(run_dir)
     chat = info["chat"]
     if "demo" in chat:
         return ChatSource(Path(info["base"]), demo=chat["demo"])
@@ -525,14 +526,14 @@ def _chat_source_from_info(run_dir: Path) -> ChatSource:
 
 def _data_from_info(run_dir: Path):
     """The Demo or the pairs file a run was trained on (checked unchanged), from its data.json."""
-    path = run_dir / DATA_INFO
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"cannot resume {run_dir}: unreadable {path} ({e})") from None
+    info = read_data_info(run_dir)
     if "demo" in info:
+        if not isinstance(info["demo"], str):
+            raise LmforgeError(f"cannot resume {run_dir}: its {DATA_INFO} names no demo")
         return demo(info["demo"])
-    data = Path(info.get("data", ""))
+    if not isinstance(info.get("data"), str):
+        raise LmforgeError(f"cannot resume {run_dir}: its {DATA_INFO} does not say which pairs file it trained on")
+    data = Path(info["data"])
     if not data.is_file():
         raise LmforgeError(f"cannot resume {run_dir}: its data file {data} is gone")
     if file_fingerprint(data) != info.get("sha256"):
@@ -544,7 +545,7 @@ def make_task(cfg: Config, run_dir: Path, data, resume: bool, cache_root, log, d
     """The task for cfg's model family (chat fine-tuning for a `ChatSource`, or a run that was fine-tuned).
 
     `cfg` is left as it is: the model to build is `task.model_config`."""
-    if isinstance(data, ChatSource) or (resume and "chat" in _read_info(run_dir)):
+    if isinstance(data, ChatSource) or (resume and "chat" in read_data_info(run_dir)):
         return SFTTask(cfg, run_dir, data, resume, log, dist_info)
     if cfg.family == "seq2seq":
         if dist_info is not None and dist_info.enabled:
