@@ -324,3 +324,16 @@ def test_finetune_then_serve_answers_held_out_chats(tiny_run, tmp_path, capsys):
     accuracy = sum(g.strip() == e for g, e in zip(got, expected)) / len(expected)
     print(f"held-out accuracy {accuracy:.2f}")
     assert accuracy > 0.6, list(zip(got, expected))
+
+
+def test_finetune_run_resumes(tiny_run, tmp_path, capsys):
+    """A fine-tuning run is a normal run: stopped part way, `train --resume` finishes it on the same data."""
+    out = tmp_path / "chat"
+    args = _finetune_args(tmp_path, tiny_run, "--out", out, "--max-steps", "4", "--stop-after-steps", "2")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, log, err = run_cli(capsys, "train", "--resume", out)
+    assert code == 0, err
+    assert "resuming" in log and "step 4" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 4
