@@ -75,11 +75,31 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
 
+    ft = sub.add_parser(
+        "finetune",
+        help="chat fine-tuning: train a run on conversations into a new run (assistant-only loss, packed)",
+        epilog="Any train config field can be set as --key value, e.g. --max-steps 500 --lr 3e-4 --train-on all "
+        "--pack false. Defaults: lr 1e-3, batch 16 rows, 2 minutes.",
+    )
+    ft.add_argument("run", help="the run to start from (an lmforge run, or one imported with convert --from-hf)")
+    ft.add_argument(
+        "--data", help='conversations: .jsonl ({"messages": [{"role", "content"}, ...]} per line) or .parquet'
+    )
+    ft.add_argument("--demo", metavar="NAME", help="a built-in generated chat task instead of --data: skills")
+    ft.add_argument(
+        "--chat-template", metavar="FILE", help="Jinja chat template (default: the run's own, or lmforge's)"
+    )
+    ft.add_argument("--config", help="TOML (or JSON) file with a [train] table")
+    ft.add_argument("--out", help="the new run directory (default RUN-chat, or the next free RUN-chat-N)")
+    ft.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
+
     ge = sub.add_parser(
         "generate", help="generate text from a trained run (continue a prompt, or map sources to outputs for seq2seq)"
     )
     ge.add_argument("run")
     ge.add_argument("--prompt", help="text to continue; omit for an interactive prompt loop")
+    ge.add_argument("--chat", action="store_true", help="an interactive chat in the run's chat template, with history")
+    ge.add_argument("--system", help="with --chat: a system message to start the conversation")
     ge.add_argument(
         "--source", help="seq2seq: the input to transform; omit (and --source-file) for an interactive loop"
     )
@@ -208,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     try:
-        if argv and argv[0] == "train" and not {"-h", "--help"} & set(argv):
-            args, extra = _split_train_args(parser, argv)
+        if argv and argv[0] in _OWN_OPTIONS and not {"-h", "--help"} & set(argv):
+            args, extra = _split_args(parser, argv)
         else:
             args, extra = parser.parse_args(argv), []
         if args.verb is None:
@@ -226,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-_TRAIN_OPTIONS = ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo")
+_OWN_OPTIONS = {
+    "train": ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo"),
+    "finetune": ("--data", "--demo", "--chat-template", "--config", "--out", "--stop-after-steps"),
+}
 
 
-def _split_train_args(parser, argv):
-    """Separate train's own options and DATA from the free-form --key value config overrides.
+def _split_args(parser, argv):
+    """Separate a verb's own options and its positional argument from the free-form --key value config overrides.
 
     (argparse cannot do this itself: it would take an override's value for the DATA positional.)
     """
@@ -239,7 +262,7 @@ def _split_train_args(parser, argv):
     while i < len(argv):
         a = argv[i]
         name = a.split("=", 1)[0]
-        if name in _TRAIN_OPTIONS:
+        if name in _OWN_OPTIONS[argv[0]]:
             take = 1 if "=" in a else 2
             own += argv[i : i + take]
             i += take
@@ -251,8 +274,9 @@ def _split_train_args(parser, argv):
             positional.append(a)
             i += 1
     if len(positional) > 1:
-        raise LmforgeError(f"train takes one DATA path, got {len(positional)}: {' '.join(positional)}")
-    return parser.parse_args(["train", *own, *positional]), extra
+        what = "DATA path" if argv[0] == "train" else "RUN"
+        raise LmforgeError(f"{argv[0]} takes one {what}, got {len(positional)}: {' '.join(positional)}")
+    return parser.parse_args([argv[0], *own, *positional]), extra
 
 
 def _dispatch(args, extra):
@@ -262,6 +286,8 @@ def _dispatch(args, extra):
         return _prepare(args)
     if args.verb == "train":
         return _train(args, extra)
+    if args.verb == "finetune":
+        return _finetune(args, extra)
     if args.verb == "generate":
         return _generate(args)
     if args.verb == "eval":
@@ -365,6 +391,39 @@ def _train(args, extra):
     return _train_exit(result, args)
 
 
+def _finetune(args, extra):
+    from . import config as C
+    from .runs import load_config
+
+    if (args.data is None) == (args.demo is None):
+        raise LmforgeError("finetune needs --data CHATS (.jsonl or .parquet) or --demo NAME")
+    overrides = C.parse_overrides(extra)
+    C.check_finetune_overrides(overrides)
+    cfg = C.finetune_config(load_config(args.run))
+    budget_given = {k for sec in overrides.values() for k in sec if k in BUDGET_KEYS}
+    if args.config:
+        file_cfg = C.load_file(args.config)
+        C.check_finetune_overrides(file_cfg)
+        budget_given |= {k for k in file_cfg.get("train", {}) if k in BUDGET_KEYS}
+        cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
+    cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"cannot read chat template {args.chat_template}: {e}") from None
+    from .data.chat_data import ChatSource, chat_demo
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
+    if args.demo:
+        chat_demo(args.demo, "val")  # an unknown name fails here, before the model loads
+    source = ChatSource(Path(args.run), Path(args.data) if args.data else None, args.demo, template)
+    out = Path(args.out) if args.out else _free_run_dir(Path(f"{Path(args.run).resolve()}-chat"))
+    result = train(cfg, out, data=source, stop_after_steps=args.stop_after_steps)
+    return _train_exit(result, args)
+
+
 def _train_exit(result, args) -> int:
     """130 when a signal stopped the run, 0 when it finished or stopped where --stop-after-steps asked."""
     if result.interrupted and (args.stop_after_steps is None or result.step < args.stop_after_steps):
@@ -445,10 +504,33 @@ def _generate(args):
             sys.stdout.write("\n")
             sys.stdout.flush()
 
+    if args.chat:
+        return _chat(args, model, tok, SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra))
     if args.prompt is not None:
         run_one(args.prompt)
         return
     _interactive("prompt", lambda prompt: run_one(prompt.replace("\\n", "\n")))
+
+
+def _chat(args, model, tok, params):
+    from .data.chat import load_chat_template
+    from .inference.chat_session import ChatSession
+
+    if args.prompt is not None or args.compile:
+        raise LmforgeError("--chat is interactive: it takes no --prompt (and no --compile)")
+    template = load_chat_template(args.run)
+    if template is None:
+        print("note: this run has no chat template; using the plain one (User: / Assistant:)", file=sys.stderr)
+    session = ChatSession(model, tok, template, params, system=args.system)
+
+    def reply(text: str):
+        for piece in session.say(text.replace("\\n", "\n")):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    _interactive("message", reply)
 
 
 def _interactive(what: str, handle) -> None:

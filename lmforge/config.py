@@ -245,6 +245,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     parallel: str = "ddp"  # ddp | fsdp, used under torchrun with more than one process
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    # chat fine-tuning (lmforge finetune)
+    train_on: str = "assistant"  # assistant: loss on the assistant's replies only | all: on every token
+    pack: bool = True  # several conversations per row (attention and positions reset at each); False: one, padded
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -275,6 +278,7 @@ class TrainConfig:
         need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r} (ddp, fsdp)")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
+        need(self.train_on in ("assistant", "all"), f"unknown train_on {self.train_on!r} (assistant, all)")
 
 
 @dataclass
@@ -414,6 +418,31 @@ SEQ2SEQ_PRESETS: dict[str, tuple[str, dict, dict]] = {
 }
 
 _PRESET_TABLES = {"decoder": PRESETS, "seq2seq": SEQ2SEQ_PRESETS}
+
+# Training settings of `lmforge finetune` (the model is the base run's): a lower learning rate than
+# pretraining, short warmup, frequent evaluation; the budget is replaced by any the user gives.
+FINETUNE_TRAIN = dict(
+    batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_interval=50, eval_batches=8, max_time=120
+)
+
+
+FINETUNE_MODEL_KEYS = ("dropout",)  # the model is the base run's; only these of its fields may change
+
+
+def finetune_config(base: Config) -> Config:
+    """The config `lmforge finetune` starts from: the base run's model, FINETUNE_TRAIN for training.
+
+    Raises LmforgeError for a base run that is not a decoder."""
+    if base.family != "decoder":
+        raise LmforgeError("chat fine-tuning needs a decoder (language model) run, not a seq2seq one")
+    return Config(model=base.model, train=_build(TrainConfig, FINETUNE_TRAIN, "train"))
+
+
+def check_finetune_overrides(d: dict) -> None:
+    """Fine-tuning keeps the base run's architecture: model keys other than FINETUNE_MODEL_KEYS are an error."""
+    fixed = sorted(set(d.get("model", {})) - set(FINETUNE_MODEL_KEYS))
+    if fixed:
+        raise LmforgeError(f"fine-tuning keeps the base run's model: --{fixed[0]} cannot be changed")
 
 
 def preset(name: str, family: str = "decoder") -> Config:

@@ -33,6 +33,7 @@ WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
 DATA_INFO = "data.json"  # where a run's training data is (the shards, or a pairs file / demo), for --resume
+CHAT_TEMPLATE = "chat_template.jinja"
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
