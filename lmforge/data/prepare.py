@@ -85,15 +85,15 @@ def prepare(
 
     bar = _progress_bar(total_bytes, progress)
     piece_no = 0
-    batch: list[tuple[str, str, bool]] = []  # (split, text, ends_document)
+    batch: list[tuple[str, str, bool, bool]] = []  # (split, text, starts_document, ends_document)
     batch_size = 0
 
     def flush():
         nonlocal batch, batch_size
         if not batch:
             return
-        encoded = tokenizer.encode_batch([t for _, t, _ in batch])
-        for (split, _, ends_doc), ids in zip(batch, encoded):
+        encoded = tokenizer.encode_batch([t for _, t, _, _ in batch], continued=[not s for _, _, s, _ in batch])
+        for (split, _, _, ends_doc), ids in zip(batch, encoded):
             if ends_doc:
                 ids = ids + [eos]
             emit(split, ids)
@@ -101,25 +101,25 @@ def prepare(
                 stats.train_tokens += len(ids)
             else:
                 stats.val_tokens += len(ids)
-        bar(sum(len(t) for _, t, _ in batch))
+        bar(sum(len(t) for _, t, _, _ in batch))
         batch, batch_size = [], 0
 
     try:
         for doc in _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS):
             stats.documents += 1
-            pending = None  # hold one piece back to know which is the document's last
+            pending = None  # hold one piece back to know which is the document's last: (split, text, starts)
             for text in doc:
                 stats.bytes += len(text.encode("utf-8", "surrogatepass"))
                 for piece in _chunks(text, chunk_chars):
                     if pending is not None:
-                        batch.append((pending[0], pending[1], False))
+                        batch.append((*pending, False))
                         batch_size += len(pending[1])
-                    pending = ("val" if piece_no % every == every // 2 else "train", piece)
+                    pending = ("val" if piece_no % every == every // 2 else "train", piece, pending is None)
                     piece_no += 1
                 if batch_size >= batch_chars:
                     flush()
             if pending is not None:
-                batch.append((pending[0], pending[1], True))
+                batch.append((*pending, True))
                 batch_size += len(pending[1])
             else:
                 stats.documents -= 1

@@ -1,10 +1,16 @@
 """Loss, perplexity and bits per byte: on fixed validation windows of shards (training), and on any text
-(`lmforge eval`)."""
+(`lmforge eval`).
+
+Bits per byte = total nats / ln 2 / the UTF-8 bytes of text the predicted tokens stand for. The bytes of a token
+are what it adds to the decoded text (`Tokenizer.token_bytes`), which for a document's first token can be fewer
+than elsewhere (Llama-style tokenizers drop the space they put before a text): `ByteCounts` keeps both.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,37 @@ from ..models import moe
 from ..models.loss import lm_loss
 
 
+@dataclass
+class ByteCounts:
+    """The UTF-8 bytes of text each token id stands for, inside a document and as its first token.
+
+    inside, opening: (V,) int64, indexed by token id (ids the tokenizer lacks count 0).
+    eos: the id that ends a document; in a token stream (a shard: documents encoded one by one, `eos` after
+    each) the token after `eos` opens the next document.
+    """
+
+    inside: torch.Tensor
+    opening: torch.Tensor
+    eos: int
+
+    @classmethod
+    def of(cls, tokenizer, vocab_size: int | None = None) -> ByteCounts:
+        """From a `Tokenizer`; vocab_size pads the tables for a model vocabulary rounded up past the tokenizer's."""
+        pad = [0] * max(0, (vocab_size or 0) - tokenizer.vocab_size)
+        inside = torch.tensor(tokenizer.token_byte_lengths() + pad, dtype=torch.long)
+        opening = torch.tensor(tokenizer.token_byte_lengths(first=True) + pad, dtype=torch.long)
+        return cls(inside, opening, tokenizer.eos_id)
+
+    def count(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Bytes of the targets y given the inputs x (same shape, ids on any device; -100 in y is ignored):
+        y[t] opens a document when x[t] is `eos`."""
+        x, y = x.cpu(), y.cpu()
+        real = y != -100
+        y = y.clamp(min=0)
+        per_token = torch.where(x == self.eos, self.opening[y], self.inside[y])
+        return int(per_token[real].sum())
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -23,11 +60,14 @@ def evaluate(
     batch_size: int,
     seq_len: int,
     batches: int,
-    byte_lengths: torch.Tensor | None,
+    byte_lengths: ByteCounts | torch.Tensor | None,
     device,
     autocast=contextlib.nullcontext,
 ) -> dict:
-    """Mean loss, perplexity and bits per byte on fixed windows (same windows at every call)."""
+    """Mean loss, perplexity and (given byte_lengths) bits per byte on fixed windows (the same at every call).
+
+    byte_lengths: `ByteCounts`, or a (V,) tensor of bytes per token id wherever it stands (tokenizers that
+    decode a document's first token like any other, e.g. byte-level BPE)."""
     was_training = model.training
     model.eval()
     seq_len = min(seq_len, int(max(data.lengths)) - 1)
@@ -40,7 +80,9 @@ def evaluate(
         with autocast():
             nats += lm_loss(model, x, y, reduction="sum").item()
         count += y.numel()
-        if byte_lengths is not None:
+        if isinstance(byte_lengths, ByteCounts):
+            nbytes += byte_lengths.count(x, y)
+        elif byte_lengths is not None:
             nbytes += int(byte_lengths[y.cpu()].sum())
     model.train(was_training)
     loss = nats / count
@@ -54,9 +96,12 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_size: int = 8) -> dict:
-    """Score the documents of `spec` in consecutive windows of the model's context (each window predicts its tokens)."""
+    """Score the documents of `spec` in consecutive windows of the model's context (each window predicts its tokens).
+
+    Returns tokens (predicted), loss (nats per token), perplexity, and bits_per_byte over the bytes those tokens
+    stand for (every byte of the text but the first token's). Each document is encoded on its own, then `eos`.
+    """
     ids: list[int] = []
-    nbytes = 0
     for doc in corpus.corpus_documents(spec):
         doc_ids = tokenizer.encode(doc) + [tokenizer.eos_id]
         ids.extend(doc_ids)
@@ -65,7 +110,7 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
             break
     if len(ids) < 2:
         raise LmforgeError(f"not enough text in {spec} to evaluate")
-    lengths = torch.tensor(tokenizer.token_byte_lengths())
+    byte_counts = ByteCounts.of(tokenizer)
     T = model.config.block_size
     device = next(model.parameters()).device
     tokens = torch.tensor(ids)
@@ -88,8 +133,7 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
         logits = model(X).float()
         nats += F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1), ignore_index=-100, reduction="sum").item()
         count += int((Y != -100).sum())
-    targets = tokens[1 : count + 1]
-    nbytes = int(lengths[targets.clamp(max=len(lengths) - 1)].sum())
+    nbytes = byte_counts.count(tokens[:count], tokens[1 : count + 1])
     loss = nats / count
     out = {
         "tokens": count,

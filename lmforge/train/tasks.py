@@ -27,7 +27,7 @@ from ..data.prepare import ensure_data
 from ..data.shards import TokenData
 from ..data.tokenizer import Tokenizer
 from ..errors import LmforgeError
-from ..evaluation.perplexity import evaluate
+from ..evaluation.perplexity import ByteCounts, evaluate
 from ..evaluation.seq2seq import evaluate_pairs
 from ..inference.beam import translate
 from ..inference.engine import generate
@@ -78,9 +78,7 @@ class LMTask:
         if self.val_data.total < 2:
             raise LmforgeError(f"validation split in {shard_dir} is empty")
         self.micro_tokens = tc.batch_size * seq_len * self.world  # tokens per micro-step, all ranks together
-        self.byte_lengths = torch.tensor(
-            self.tokenizer.token_byte_lengths() + [0] * (cfg.model.vocab_size - self.tokenizer.vocab_size)
-        )
+        self.byte_lengths = ByteCounts.of(self.tokenizer, cfg.model.vocab_size)
 
     def save_files(self, run_dir: Path) -> None:
         shard_dir = self.shard_dir
