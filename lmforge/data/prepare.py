@@ -14,7 +14,7 @@ from ..errors import LmforgeError
 from ..io import write_json_atomic
 from .corpus import DEFAULT_CORPUS, SkipCounter, _documents, corpus_key, discover, text_sample
 from .shards import ShardWriter, shard_paths
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, vocab_shortfall
 
 TOKENIZER = "tokenizer.json"  # the tokenizer beside a shard directory (the same name a run directory uses)
 
@@ -192,7 +192,10 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
     done = cache / "done.json"
     if done.is_file() and (cache / TOKENIZER).is_file():
         log(f"data: reusing tokenizer and shards in {cache}")
-        return cache, Tokenizer.from_file(cache / TOKENIZER)
+        tok = Tokenizer.from_file(cache / TOKENIZER)
+        if note := vocab_shortfall(tok, train_cfg.tokenizer_vocab_size):
+            log(f"warning: {note}")
+        return cache, tok
     name = "the Python standard library" if spec is None else str(spec)
     log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
     t0 = time.time()
@@ -204,6 +207,8 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
     cache.mkdir(parents=True, exist_ok=True)
     tok.save(cache / TOKENIZER)
     log(f"data: tokenizer ready ({tok.vocab_size} tokens, {time.time() - t0:.1f}s); writing shards")
+    if note := vocab_shortfall(tok, train_cfg.tokenizer_vocab_size):
+        log(f"warning: {note}")
     stats = prepare(spec, tok, cache, val_fraction=train_cfg.val_fraction, progress=sys.stderr.isatty())
     write_json_atomic(
         done,

@@ -197,6 +197,17 @@ class Tokenizer:
             yield piece
 
 
+def vocab_shortfall(tokenizer: Tokenizer, requested: int) -> str | None:
+    """A warning when a trained tokenizer is much smaller (under 90%) than the vocabulary asked for: BPE ran out
+    of pairs to merge, which a small corpus does long before 8,000 tokens. None when it is about the size asked."""
+    if tokenizer.vocab_size >= 0.9 * requested:
+        return None
+    return (
+        f"asked for a {requested:,}-token vocabulary, got {tokenizer.vocab_size:,}: "
+        "the text has nothing more for BPE to merge (more text gives a larger vocabulary)"
+    )
+
+
 # --- the bytes a token contributes to decoded text ----------------------------------------------------------------
 # `tokenizers` decodes a list of pieces by running its decoder chain over them. To know what one piece adds to the
 # text, without the U+FFFD that decoding a partial character alone produces, `_piece_bytes` replays the chain on
