@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory for the shards")
     pr.add_argument("--val-fraction", type=float, default=0.01)
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    pr.add_argument(
+        "--allow-special",
+        action="store_true",
+        help='read special-token text in documents ("<|endoftext|>") as control tokens (default: as plain text)',
+    )
 
     tr = sub.add_parser(
         "train",
@@ -143,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a run on some text "
+        help="loss, perplexity, bits per byte and next-token accuracy of a run on some text "
         "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
@@ -193,7 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
     direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
-    cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    direction.add_argument(
+        "--consolidate",
+        metavar="RUN",
+        help="write RUN/model.safetensors from RUN's latest checkpoint (a sharded FSDP run's, in one process)",
+    )
+    cv.add_argument("--out", help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
     p.verbs = sub.choices  # verb -> its parser, for "did you mean"
     return p
 
@@ -375,7 +385,13 @@ def _prepare(args):
     if not 0 < args.val_fraction < 0.5:
         raise LmforgeError("--val-fraction must be in (0, 0.5)")
     stats = prepare(
-        _data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty()
+        _data_spec(args.data),
+        tok,
+        args.out,
+        args.val_fraction,
+        args.shard_tokens,
+        progress=sys.stderr.isatty(),
+        allow_special=args.allow_special,
     )
     with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
         tok.hf.save(str(tmp))
@@ -387,7 +403,6 @@ def _prepare(args):
 
 def _train(args, extra):
     from . import config as C
-    from .train.loop import train
 
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
@@ -399,6 +414,8 @@ def _train(args, extra):
                 "--resume continues a run as it was configured; "
                 "it takes no data, task, demo, preset, config or overrides"
             )
+        from .train.loop import train  # torch: only once the arguments are known to be usable
+
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
     if family == "seq2seq":
@@ -419,8 +436,11 @@ def _train(args, extra):
         budget_given |= {k for k in file_cfg.get("train", {}) if k in BUDGET_KEYS}
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
+    cfg.validate()  # sizes no machine can hold end here, before torch is even imported
     run_name = Path(args.config).stem if args.config else name  # runs/small-llama for --config small-llama.toml
     out = Path(args.out) if args.out else _free_run_dir(Path("runs") / run_name)
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
     result = train(cfg, out, data=data, stop_after_steps=args.stop_after_steps)
     return _train_exit(result, args)
 
@@ -456,6 +476,10 @@ def _free_run_dir(base: Path) -> Path:
 
 
 def _generate(args):
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise LmforgeError("--max-new-tokens must be at least 1")
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     import torch
 
     from .inference.engine import generate_stream
@@ -463,8 +487,6 @@ def _generate(args):
     from .inference.sampling import SamplingParams
     from .runs import load
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise LmforgeError("--max-new-tokens must be at least 1")
     max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     temperature = 0.0 if args.greedy else args.temperature
     extra = dict(
@@ -475,8 +497,6 @@ def _generate(args):
         stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop],
     )
     SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
-    if args.compile and args.quantize != "none":
-        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _generate_seq2seq(args, model, tok)
@@ -488,22 +508,24 @@ def _generate(args):
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(
-            model,
-            tok,
-            prompt,
-            max_new_tokens,
-            temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            compile=args.compile,
-            **extra,
-        ):
-            sys.stdout.write(piece)
+        try:
+            for piece in generate_stream(
+                model,
+                tok,
+                prompt,
+                max_new_tokens,
+                temperature,
+                args.top_k,
+                args.top_p,
+                args.seed,
+                compile=args.compile,
+                **extra,
+            ):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # the output ends with a newline even when Ctrl-C stops it
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
 
     if args.prompt is not None:
         run_one(args.prompt)
@@ -569,7 +591,7 @@ def _eval(args):
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(
         f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
-        f"| bits/byte {res['bits_per_byte']:.4f}"
+        f"| bits/byte {res['bits_per_byte']:.4f} | top-1 {100 * res['acc']:.1f}% | top-5 {100 * res['top5']:.1f}%"
     )
     if "moe_routing" in res:
         from .models.moe import routing_table
@@ -586,6 +608,8 @@ def _plot(args):
 
 
 def _bench(args):
+    if args.bench_verb not in ("matmul", "train"):
+        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
     from .train import bench
 
     if args.bench_verb == "matmul":
@@ -602,13 +626,18 @@ def _bench(args):
             ref_precision=args.ref_precision,
             device=args.device,
         )
-    else:
-        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
 
 
 def _convert(args):
     from .interop import hf as interop
 
+    if args.consolidate:
+        from .train.checkpoint import consolidate
+
+        consolidate(args.consolidate)
+        return
+    if not args.out:
+        raise LmforgeError("convert needs --out (the run directory or Hugging Face folder to write)")
     if args.from_hf:
         out = interop.from_hf(args.from_hf, args.out)
         print(f"converted {args.from_hf} -> lmforge run {out}")
@@ -634,8 +663,6 @@ def _eval_seq2seq(args, model, tok):
 def _serve(args):
     import os
 
-    from .inference.server import serve
-
     if not 0 < args.port < 65536:
         raise LmforgeError("--port must be between 1 and 65535")
     if args.max_batch < 1:
@@ -643,6 +670,8 @@ def _serve(args):
     if args.compile and args.quantize != "none":
         raise LmforgeError("--compile and --quantize are alternatives; choose one")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
+    from .inference.server import serve  # torch and the HTTP stack: only once the arguments are known to be usable
+
     serve(
         args.run,
         host=args.host,

@@ -8,6 +8,7 @@ reads ours and we read theirs (for example a Hugging Face GPT-2 or Llama tokeniz
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,7 @@ class Tokenizer:
             raise LmforgeError("tokenizer has no end-of-text token (looked for " + ", ".join(_EOS_CANDIDATES) + ")")
         self.eos_token = eos_token
         self.eos_id = vocab[eos_token]
+        hf.encode_special_tokens = True  # text from users is text: encode() splits "<|endoftext|>" like any text
         self._byte_table_cache: tuple[list[bytes], list[bytes]] | None = None  # see _byte_tables
         self._joins_cleanly: bool | None = None  # see _pieces_join_cleanly
 
@@ -94,24 +96,38 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of text. Text is text: special-token look-alikes such as "<|endoftext|>" in it are
+        encoded as ordinary characters, unless allow_special, which makes them the control tokens.
+        Raises LmforgeError for text that is not valid Unicode (a lone surrogate such as "\\ud800")."""
+        try:
+            return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode
+            _refuse_surrogates([text])
+            raise
 
-    def encode_batch(self, texts: list[str], continued: list[bool] | None = None) -> list[list[int]]:
-        """Encode many texts at once, in parallel over all cores (Rust threads).
+    def encode_batch(
+        self, texts: list[str], allow_special: bool = False, continued: list[bool] | None = None
+    ) -> list[list[int]]:
+        """Encode many texts at once, in parallel over all cores (Rust threads); allow_special as in encode.
 
         continued[i]: texts[i] is a later piece of a longer text (a document cut at a line break). It is encoded
         as it would be inside that text, without what some tokenizers put before a text: a Llama-style tokenizer
         would otherwise open every piece with a `▁`, a space the document does not have.
         """
-        if continued is None or not any(continued) or self._pieces_join_cleanly():
-            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
-        anchored = [_ANCHOR + t if c else t for t, c in zip(texts, continued)]
-        encoded = [e.ids for e in self.hf.encode_batch(anchored, add_special_tokens=False)]
+        plain = continued is None or not any(continued) or self._pieces_join_cleanly()
+        inputs = texts if plain else [_ANCHOR + t if c else t for t, c in zip(texts, continued)]
+        try:
+            encoded = [e.ids for e in self._encoder(allow_special).encode_batch(inputs, add_special_tokens=False)]
+        except TypeError:  # the Rust side takes only valid Unicode
+            _refuse_surrogates(texts)
+            raise
+        if plain:
+            return encoded
         out = []
         for text, cont, ids in zip(texts, continued, encoded):
             rest = self._drop_anchor(ids, text) if cont else ids
-            out.append(rest if rest is not None else self.encode(text))
+            out.append(rest if rest is not None else self.encode(text, allow_special))
         return out
 
     def _pieces_join_cleanly(self) -> bool:
@@ -138,44 +154,48 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def token_bytes(self, token_id: int, first: bool = False) -> bytes:
-        """The bytes token `token_id` contributes to decoded text: b"" for a special token, the literal text of
-        another added token; the raw byte of a byte-fallback piece (`<0xNN>`) or of each byte-level character,
-        so a piece holding part of a character gives exactly that part; a `▁` word marker as the space it
-        decodes to.
+        """The bytes token_id adds to decoded text: the raw byte of a byte-fallback piece (`<0xNN>`) or of each
+        byte-level character, so a piece holding part of a character gives exactly that part; a `▁word` piece
+        b" word"; an added or special token its text (as decode shows it); b"" for an id outside the vocabulary.
 
         first: the token opens the text (the first id of an `encode` call). Some decoders treat it differently:
         Llama-style ones strip the space that encoding put before the text (`Strip` after `Fuse`, `Metaspace`).
         Joining token_bytes over the ids of an encoded text (the first with first=True) gives
-        decode(ids).encode("utf-8") — which is the text itself whenever the tokenizer round-trips it.
+        decode(ids).encode("utf-8") — the text itself whenever the tokenizer round-trips it. The generation
+        engine decodes new text from these bytes (a completion never opens a text: first=False).
 
         Modelled decoders: ByteLevel, ByteFallback, Metaspace, Replace, Strip, Fuse, Sequence of those, and none.
-        For any other decoder the bytes of the token decoded alone are returned (exact for context-free pieces).
+        Any other: what the token adds to decoded text after the end-of-text token (alone, for first).
         """
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
-        table = self._byte_tables()[1 if first else 0]
-        return table[token_id]
+        tables = self._byte_tables()
+        return tables[1 if first else 0][token_id] if 0 <= token_id < len(tables[0]) else b""
 
     def token_byte_lengths(self, first: bool = False) -> list[int]:
-        """len(token_bytes(i, first)) for every id: the UTF-8 bytes of text each token stands for (0 for special
-        tokens), in the middle of a text or (first=True) as its first token. Used for bits per byte."""
-        return [len(b) for b in self._byte_tables()[1 if first else 0]]
+        """The UTF-8 bytes of text each token stands for, inside a text or (first=True) opening it: len of
+        token_bytes, except 0 for special tokens, which stand for no text. Used for bits per byte."""
+        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        return [0 if i in special else len(b) for i, b in enumerate(self._byte_tables()[1 if first else 0])]
 
     def _byte_tables(self) -> tuple[list[bytes], list[bytes]]:
         """(bytes of every token inside a text, bytes of every token opening a text); computed once."""
         if self._byte_table_cache is None:
             added = self.hf.get_added_tokens_decoder()
             steps = _decoder_steps(self.hf)
+            anchor = self.decode([self.eos_id])
 
             def one(i: int, first: bool) -> bytes:
-                if i in added:  # special tokens are not text; other added tokens stand for their literal text
-                    return b"" if added[i].special else added[i].content.encode("utf-8")
+                if i in added:  # its text, as decode shows it (special tokens count no bytes of text for bpb)
+                    return added[i].content.encode("utf-8")
                 piece = self.hf.id_to_token(i)
                 if piece is None:
                     return b""
-                if steps is None:  # a decoder we do not model: the token decoded on its own
+                if steps is not None:
+                    return _piece_bytes(piece, steps, first)
+                # A decoder we do not model: decoded after the end-of-text token, so that a decoder stripping the
+                # first space of a text strips it from the anchor's side (decoded alone when it opens the text).
+                if first:
                     return self.decode([i]).encode("utf-8")
-                return _piece_bytes(piece, steps, first)
+                return self.decode([self.eos_id, i])[len(anchor) :].encode("utf-8")
 
             inside = [one(i, False) for i in range(self.vocab_size)]
             opening = [one(i, True) for i in range(self.vocab_size)] if _depends_on_position(steps) else inside
@@ -196,6 +216,25 @@ class Tokenizer:
         if piece:
             yield piece
 
+    def _encoder(self, allow_special: bool) -> _HFTokenizer:
+        """The `tokenizers` engine that reads special-token text as text (self.hf, once set so) or as control tokens."""
+        if not allow_special:
+            return self.hf
+        parsing = self.__dict__.get("_special_parsing")
+        if parsing is None:
+            parsing = self.__dict__["_special_parsing"] = _HFTokenizer.from_str(self.hf.to_str())
+        return parsing
+
+
+def _refuse_surrogates(texts: list[str]) -> None:
+    """LmforgeError naming the first lone UTF-16 surrogate in texts (valid JSON can carry one, as "\\ud800")."""
+    for text in texts:
+        if not isinstance(text, str):
+            return
+        for i, c in enumerate(text):
+            if "\ud800" <= c <= "\udfff":
+                raise LmforgeError(f"text is not valid Unicode: a lone surrogate U+{ord(c):04X} at character {i}")
+
 
 def vocab_shortfall(tokenizer: Tokenizer, requested: int) -> str | None:
     """A warning when a trained tokenizer is much smaller (under 90%) than the vocabulary asked for: BPE ran out
@@ -214,17 +253,6 @@ def vocab_shortfall(tokenizer: Tokenizer, requested: int) -> str | None:
 # that piece, keeping raw bytes where the real decoder would produce bytes (ByteLevel, ByteFallback).
 
 _MODELLED_DECODERS = {"ByteLevel", "ByteFallback", "Metaspace", "Replace", "Strip", "Fuse"}
-
-
-def _byte_level_chars() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, every other byte b for the
-    character 256 + (its rank among those others); character -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
-
-
-_BYTE_LEVEL = _byte_level_chars()
 
 
 def _decoder_steps(hf: _HFTokenizer) -> list[dict] | None:
@@ -252,8 +280,9 @@ def _piece_bytes(piece: str, steps: list[dict], first: bool) -> bytes:
     for step in steps:
         kind = step["type"]
         if kind == "ByteLevel":  # each character stands for one byte; a piece with any other character stays as is
-            if isinstance(value, str) and all(c in _BYTE_LEVEL for c in value):
-                value = bytes(_BYTE_LEVEL[c] for c in value)
+            alphabet = _byte_level_alphabet()
+            if isinstance(value, str) and all(c in alphabet for c in value):
+                value = bytes(alphabet[c] for c in value)
         elif kind == "ByteFallback":  # `<0xNN>` is the byte NN
             if isinstance(value, str) and len(value) == 6 and value.startswith("<0x") and value.endswith(">"):
                 try:
@@ -333,3 +362,12 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return text[len(before) :]
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet as {character: byte}: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes for the characters U+0100, U+0101, ... in byte order (Radford et al. 2019, encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
