@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -221,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write RUN/model.safetensors from RUN's latest checkpoint (a sharded FSDP run's, in one process)",
     )
     cv.add_argument("--out", help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    p.verbs = sub.choices  # verb -> its parser, for "did you mean"
     return p
 
 
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in _OWN_OPTIONS and not {"-h", "--help"} & set(argv):
             args, extra = _split_args(parser, argv)
         else:
-            args, extra = parser.parse_args(argv), []
+            args, extra = _parse(parser, argv), []
         if args.verb is None:
             parser.print_help()
             return 2
@@ -244,6 +248,76 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a path the user gave cannot be read or written: one line, unless it is a bug of ours
+        if e.errno not in _USER_ERRNOS or os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+
+
+# OS errors that come from the user's files, disk or network settings rather than from a bug in lmforge
+# (by name: not every platform defines every code).
+_USER_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EACCES",
+        "EPERM",
+        "ENOENT",
+        "ENOTDIR",
+        "EISDIR",
+        "EEXIST",
+        "ENOTEMPTY",
+        "ENOSPC",
+        "EDQUOT",
+        "EFBIG",
+        "EROFS",
+        "ENAMETOOLONG",
+        "ELOOP",
+        "EIO",
+        "EADDRINUSE",
+        "EADDRNOTAVAIL",
+    )
+    if hasattr(errno, name)
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    """'Permission denied: runs/x/config.json' (+ a hint for a full disk or a read-only place)."""
+    what = e.strerror or str(e)
+    where = f": {e.filename}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        where += f" -> {e.filename2}"
+    hint = {
+        errno.ENOSPC: " (the disk is full: free some space, then resume)",
+        getattr(errno, "EDQUOT", -1): " (disk quota exceeded)",
+        errno.EROFS: " (a read-only file system: choose another --out)",
+        errno.EADDRINUSE: " (another process listens there: choose another --port)",
+    }.get(e.errno, "")
+    return f"{what}{where}{hint}"
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown option gets "did you mean" among the options of its verb."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        verb = parser.verbs.get(getattr(args, "verb", None) or "", parser)
+        options = _option_strings(verb)
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=", 1)[0]
+        close = difflib.get_close_matches(flag, options, n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        verb.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --option of a parser and of its sub-commands (`tokenizer train`)."""
+    out = []
+    for action in parser._actions:
+        out += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _option_strings(sub)
+    return out
 
 
 _OWN_OPTIONS = {
@@ -310,7 +384,7 @@ def _data_spec(s: str | None):
 
 def _tokenizer(args):
     from .data.corpus import SkipCounter, corpus_documents, discover
-    from .data.tokenizer import Tokenizer
+    from .data.tokenizer import Tokenizer, vocab_shortfall
 
     if args.tok_verb != "train":
         raise LmforgeError("usage: lmforge tokenizer train DATA --vocab-size N --out tokenizer.json")
@@ -322,6 +396,8 @@ def _tokenizer(args):
         raise LmforgeError(f"no usable text in {args.data}")
     if skipped.files:
         print(f"warning: skipped {skipped.files} file(s) that are binary or not valid UTF-8", file=sys.stderr)
+    if note := vocab_shortfall(tok, args.vocab_size):
+        print(f"warning: {note}", file=sys.stderr)
     tok.save(args.out)
     print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}")
 
@@ -357,15 +433,15 @@ def _train(args, extra):
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
-    overrides = C.parse_overrides(extra, family)
-    from .train.loop import train  # torch: only once the arguments are known to be usable
-
+    overrides = C.parse_overrides(extra, family, cli_options=_TRAIN_OPTIONS)
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
                 "--resume continues a run as it was configured; "
                 "it takes no data, task, demo, preset, config or overrides"
             )
+        from .train.loop import train  # torch: only once the arguments are known to be usable
+
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
     if family == "seq2seq":
@@ -386,7 +462,11 @@ def _train(args, extra):
         budget_given |= {k for k in file_cfg.get("train", {}) if k in BUDGET_KEYS}
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
-    out = Path(args.out) if args.out else _free_run_dir(Path("runs") / name)
+    cfg.validate()  # sizes no machine can hold end here, before torch is even imported
+    run_name = Path(args.config).stem if args.config else name  # runs/small-llama for --config small-llama.toml
+    out = Path(args.out) if args.out else _free_run_dir(Path("runs") / run_name)
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
     result = train(cfg, out, data=data, stop_after_steps=args.stop_after_steps)
     return _train_exit(result, args)
 
@@ -444,10 +524,12 @@ def _clear_budget(cfg, budget_given: set, d: dict) -> dict:
 
 
 def _free_run_dir(base: Path) -> Path:
-    if not (base / "model.safetensors").exists():
+    from .runs import WEIGHTS
+
+    if not (base / WEIGHTS).exists():
         return base
     n = 2
-    while (base.parent / f"{base.name}-{n}" / "model.safetensors").exists():
+    while (base.parent / f"{base.name}-{n}" / WEIGHTS).exists():
         n += 1
     return base.parent / f"{base.name}-{n}"
 

@@ -49,7 +49,7 @@ from ..data.prepare import ensure_data
 from ..data.shards import TokenData
 from ..data.tokenizer import Tokenizer
 from ..errors import LmforgeError
-from ..evaluation.perplexity import TokenScores, evaluate
+from ..evaluation.perplexity import ByteCounts, TokenScores, evaluate
 from ..evaluation.seq2seq import evaluate_pairs
 from ..inference.beam import translate
 from ..inference.chat_session import replies
@@ -178,9 +178,7 @@ class LMTask:
                 f"({self.tc.tokens_per_step // seq_len} windows of {seq_len}) do not split evenly over them"
             )
         self.tokens_per_step = self.windows_per_step * seq_len
-        self.byte_lengths = torch.tensor(
-            self.tokenizer.token_byte_lengths() + [0] * (mc.vocab_size - self.tokenizer.vocab_size)
-        )
+        self.byte_lengths = ByteCounts.of(self.tokenizer, mc.vocab_size)
 
     def save_files(self, run_dir: Path) -> None:
         shard_dir = self.shard_dir
@@ -332,6 +330,7 @@ class Seq2SeqTask:
             )
         self.train_data = PairData(src, tgt, self.tokenizer, seed=tc.seed)
         self.val_pairs = val_pairs[: tc.eval_batches * tc.batch_size]  # the same pairs at every evaluation
+        self.held_out = len(val_pairs)
         self.micro_tokens = max(1, round(tc.batch_size * self.train_data.target_tokens / len(self.train_data)))
 
     def save_files(self, run_dir: Path) -> None:
@@ -353,7 +352,8 @@ class Seq2SeqTask:
             f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
             f"{mc.n_encoder_layer}+{mc.n_decoder_layer} layers, d_model {mc.d_model}, {vocab}, {mc.norm_position}-norm",
             f"train: {len(self.train_data):,} pairs ({self.train_data.target_tokens:,} target tokens), "
-            f"{len(self.val_pairs)} for validation; {tc.batch_size} pairs x {accum} accumulation per step",
+            f"{tc.batch_size} pairs x {accum} accumulation per step; "
+            f"validation on {_validation_pairs(len(self.val_pairs), self.held_out)}",
         ]
 
     def flops_per_token(self) -> float | None:
@@ -579,6 +579,12 @@ def _data_from_info(run_dir: Path):
     if file_fingerprint(data) != info.get("sha256"):
         raise LmforgeError(f"cannot resume {run_dir}: its data file {data} changed since the run started")
     return data
+
+
+def _validation_pairs(used: int, held_out: int) -> str:
+    if used == held_out:
+        return f"{used:,} held-out pairs"
+    return f"{used:,} of the {held_out:,} held-out pairs (eval_batches x batch_size; raise them to use more)"
 
 
 def make_task(cfg: Config, run_dir: Path, data, resume: bool, cache_root, log, dist_info=None) -> Task:
