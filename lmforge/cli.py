@@ -8,8 +8,14 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
-QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")  # lmforge.inference.quantize.QUANTIZE (not imported here: it loads torch)
+QUANTIZE = (
+    "none",
+    "bf16",
+    "int8",
+    "int8-dynamic",
+)  # lmforge.inference.quantize.QUANTIZE (not imported here: it loads torch)
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # lmforge.interop.gguf.DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,11 +190,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("--device", default="auto")
 
-    cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
+    cv = sub.add_parser("convert", help="convert between lmforge runs and Hugging Face folders or GGUF files")
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
-    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
-    cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export as a Hugging Face folder")
+    direction.add_argument("--to-gguf", metavar="RUN", help="lmforge run directory to export as one GGUF file")
+    direction.add_argument("--from-gguf", metavar="FILE", help="llama or gpt2 GGUF file to import")
+    cv.add_argument(
+        "--out", required=True, help="run directory (--from-*), Hugging Face folder (--to-hf) or .gguf file (--to-gguf)"
+    )
+    cv.add_argument(
+        "--dtype",
+        choices=GGUF_DTYPES,
+        default=None,
+        help="--to-gguf: f32, f16 (default; 1-D tensors stay f32) or q8_0 (8-bit blocks, gguf's own quantiser)",
+    )
     return p
 
 
@@ -524,14 +540,22 @@ def _bench(args):
 
 
 def _convert(args):
-    from .interop import hf as interop
+    from .interop import gguf, hf
 
+    if args.dtype is not None and not args.to_gguf:
+        raise LmforgeError("--dtype is for --to-gguf")
     if args.from_hf:
-        out = interop.from_hf(args.from_hf, args.out)
+        out = hf.from_hf(args.from_hf, args.out)
         print(f"converted {args.from_hf} -> lmforge run {out}")
-    else:
-        out = interop.to_hf(args.to_hf, args.out)
+    elif args.to_hf:
+        out = hf.to_hf(args.to_hf, args.out)
         print(f"converted {args.to_hf} -> Hugging Face folder {out}")
+    elif args.to_gguf:
+        out = gguf.to_gguf(args.to_gguf, args.out, args.dtype or "f16")
+        print(f"converted {args.to_gguf} -> GGUF file {out} ({out.stat().st_size / 1e6:.1f} MB, {args.dtype or 'f16'})")
+    else:
+        out = gguf.from_gguf(args.from_gguf, args.out)
+        print(f"converted {args.from_gguf} -> lmforge run {out}")
 
 
 def _eval_seq2seq(args, model, tok):

@@ -6,6 +6,9 @@ runs/NAME/source_tokenizer.json   seq2seq only, when source and target vocabular
 runs/NAME/model.safetensors  weights
 runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
 runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
+runs/NAME/chat_template.jinja     optional: the chat template (Hugging Face conventions), or a
+                             `chat_template` in runs/NAME/tokenizer_config.json
+runs/NAME/eval/              benchmark results (`lmforge eval --tasks`), one JSON file per evaluation
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ TOKENIZER = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
+CHAT_TEMPLATE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+EVAL_DIR = "eval"
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
@@ -116,6 +122,26 @@ def load_trainer_state(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip or a pickle we refuse to run
         raise LmforgeError(f"corrupt trainer state {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_chat_template(run_dir: str | Path) -> str | None:
+    """The run's own chat template (chat_template.jinja, else tokenizer_config.json's), or None."""
+    run_dir = Path(run_dir)
+    jinja = run_dir / CHAT_TEMPLATE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = run_dir / TOKENIZER_CONFIG
+    if not cfg.is_file():
+        return None
+    try:
+        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise LmforgeError(f"cannot read {cfg}: {e}") from None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(run_dir: Path) -> Tokenizer:
