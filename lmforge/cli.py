@@ -145,10 +145,18 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)",
+        help="loss, perplexity and bits per byte on some text, or benchmark tasks with lm-evaluation-harness "
+        "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
     ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
+    ev.add_argument(
+        "--tasks", help="lm-evaluation-harness task names, comma-separated (needs lmforge[eval]); results in RUN/eval/"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="--tasks: at most N documents per task (< 1: a share)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt")
+    ev.add_argument("--include-path", default=None, help="--tasks: a folder of your own task YAML files")
+    ev.add_argument("--batch-size", type=int, default=16, help="--tasks: sequences scored together")
     ev.add_argument("--demo", metavar="NAME", help="seq2seq: the held-out test split of a built-in demo task")
     ev.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
     ev.add_argument("--length-penalty", type=float, default=1.0)
@@ -489,6 +497,11 @@ def _eval(args):
     from .evaluation.perplexity import evaluate_text
     from .runs import load
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    if args.limit is not None or args.num_fewshot is not None or args.include_path is not None:
+        raise LmforgeError("--limit, --num-fewshot and --include-path go with --tasks")
+
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _eval_seq2seq(args, model, tok)
@@ -508,6 +521,24 @@ def _eval(args):
         from .models.moe import routing_table
 
         print("\n".join(routing_table(res["moe_routing"], model.config.moe_capacity_factor)))
+
+
+def _eval_tasks(args):
+    if args.data is not None or args.demo is not None or args.quantize is not None:
+        raise LmforgeError("--tasks runs benchmark tasks: it takes no --data, --demo or --quantize")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise LmforgeError("--tasks needs at least one task name")
+    if args.batch_size < 1 or (args.limit is not None and args.limit <= 0) or (args.num_fewshot or 0) < 0:
+        raise LmforgeError("--batch-size and --limit must be positive, --num-fewshot >= 0")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    from .evaluation import harness
+
+    results, path = harness.run_tasks(
+        args.run, tasks, limit, args.num_fewshot, args.include_path, args.batch_size, args.device
+    )
+    print(harness.results_table(results))
+    print(f"full results: {path}")
 
 
 def _plot(args):

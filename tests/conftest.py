@@ -1,5 +1,10 @@
+import os
 import random
 from pathlib import Path
+
+# Tests never download: the Hugging Face hub and datasets libraries stay offline (set before they are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
