@@ -8,12 +8,8 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
-QUANTIZE = (
-    "none",
-    "bf16",
-    "int8",
-    "int8-dynamic",
-)  # lmforge.inference.quantize.QUANTIZE (not imported here: it loads torch)
+# The choices of lmforge.inference.quantize.QUANTIZE, not imported from there: that loads torch.
+QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 GGUF_DTYPES = ("f32", "f16", "q8_0")  # lmforge.interop.gguf.DTYPES
 
@@ -342,7 +338,8 @@ def _train(args, extra):
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
-                "--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides"
+                "--resume continues a run as it was configured; "
+                "it takes no data, task, demo, preset, config or overrides"
             )
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
@@ -515,7 +512,8 @@ def _eval(args):
         pack_for_inference(model, args.quantize)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(
-        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}"
+        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
+        f"| bits/byte {res['bits_per_byte']:.4f}"
     )
     if "moe_routing" in res:
         from .models.moe import routing_table
