@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
-from .engine import Engine, Output, Request, TokenLogprob
+from .engine import Engine, Output, Request, TokenLogprob, prompt_logprobs
 from .sampling import SamplingParams
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes
@@ -109,8 +109,9 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(None, ge=0, description="0: only the echoed prompt (with echo: true)")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt before the completion; with logprobs, its tokens' (first: null)")
     suffix: str | None = None
     best_of: int | None = None
 
@@ -509,6 +510,31 @@ def create_app(
             "text_offset": offsets,
         }
 
+    async def echo_prompt(ids: list[int], n_top: int | None) -> tuple[str, dict | None]:
+        """(prompt text, OpenAI logprobs of its tokens or None): the first token's log-probability is null.
+        Token strings are the pieces a streaming decoder gives (a character split over tokens comes out whole
+        with its last token), so they concatenate to the text and text_offset indexes into it."""
+        if len(ids) > context:
+            raise APIError(
+                400, f"prompt is {len(ids)} tokens; this model's context is {context} tokens", "prompt",
+                "context_length_exceeded",
+            )  # fmt: skip
+        decoder = tokenizer.stream_decoder()
+        pieces = [decoder.push(i) for i in ids]
+        pieces[-1] += decoder.flush()
+        text = "".join(pieces)
+        if n_top is None:
+            return text, None
+        # a forward pass on the event loop's helper thread; the decode thread keeps its own cache untouched
+        entries = await asyncio.to_thread(prompt_logprobs, engine.model, ids, n_top)
+        offsets = [sum(map(len, pieces[:k])) for k in range(len(pieces))]
+        return text, {
+            "tokens": pieces,
+            "token_logprobs": [e.logprob if e else None for e in entries],
+            "top_logprobs": [{token_text(i): lp for i, lp in e.top} if e else None for e in entries],
+            "text_offset": offsets,
+        }
+
     def chat_logprobs(entries: list[TokenLogprob]) -> dict:
         def item(i, lp):
             t = token_text(i)
@@ -582,7 +608,8 @@ def create_app(
         check_auth(request)
         check_model(body.model)
         for name, bad in (
-            ("echo", body.echo),
+            ("echo with stream", body.echo and body.stream),
+            ("max_tokens 0 without echo", body.max_tokens == 0 and not body.echo),
             ("suffix", body.suffix),
             ("best_of", body.best_of not in (None, body.n)),
         ):
@@ -603,6 +630,24 @@ def create_app(
             if not t or any(not 0 <= i < engine.vocab for i in t):
                 raise APIError(400, f"prompt token ids must be in [0, {engine.vocab}) and not empty", "prompt")
             ids.append(t)
+        echoes = [await echo_prompt(t, body.logprobs) for t in ids] if body.echo else None
+        if body.max_tokens == 0:  # scoring only: the prompts, their log-probabilities, no generation
+            return {
+                "id": "cmpl-" + uuid.uuid4().hex,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [
+                    {"index": i * body.n + k, "text": text, "finish_reason": "length", "logprobs": lp}
+                    for i, (text, lp) in enumerate(echoes)
+                    for k in range(body.n)
+                ],
+                "usage": {
+                    "prompt_tokens": sum(map(len, ids)),
+                    "completion_tokens": 0,
+                    "total_tokens": sum(map(len, ids)),
+                },
+            }
         reqs = make_rows(
             ids, body.n, lambda t: sampling(body, body.max_tokens, len(t), 16, [], body.logprobs), body.seed
         )
@@ -644,15 +689,15 @@ def create_app(
             return stream(job, request, chunk, bool(body.stream_options and body.stream_options.include_usage))
 
         results = await run_job(job, request)
-        choices = [
-            {
-                "index": i,
-                "text": r["text"],
-                "finish_reason": r["finish_reason"],
-                "logprobs": completion_logprobs(r["logprobs"], 0) if body.logprobs is not None else None,
-            }
-            for i, r in results.items()
-        ]
+        choices = []
+        for i, r in results.items():
+            prefix, prefix_lp = echoes[i // body.n] if echoes else ("", None)
+            lp = completion_logprobs(r["logprobs"], len(prefix)) if body.logprobs is not None else None
+            if prefix_lp is not None:
+                lp = {k: prefix_lp[k] + lp[k] for k in lp}
+            choices.append(
+                {"index": i, "text": prefix + r["text"], "finish_reason": r["finish_reason"], "logprobs": lp}
+            )
         return {
             "id": rid,
             "object": "text_completion",
