@@ -252,7 +252,7 @@ BAD = [
     ("token ids out of range", "/v1/completions", {"model": NAME, "prompt": [1, 99999]}, "prompt"),
     ("n too large", "/v1/completions", {"model": NAME, "prompt": "x", "n": 17}, "n"),
     ("empty stop string", "/v1/completions", {"model": NAME, "prompt": "x", "stop": [""]}, "stop"),
-    ("echo+stream", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "stream": True}, "echo with stream"),
+    ("echo+stream", "/v1/completions", {"model": NAME, "prompt": "x", "echo": 1, "stream": True}, "echo with stream"),
 ]
 
 
