@@ -571,6 +571,9 @@ def from_gguf(gguf_file: str | Path, run_dir: str | Path) -> Path:
         )
     model = build_model(cfg)
     expected = model.state_dict()
+    missing = set(expected) - set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    if missing:
+        raise LmforgeError(f"GGUF file lacks tensors for {', '.join(sorted(missing)[:3])}")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise LmforgeError(
