@@ -252,7 +252,7 @@ BAD = [
     ("token ids out of range", "/v1/completions", {"model": NAME, "prompt": [1, 99999]}, "prompt"),
     ("n too large", "/v1/completions", {"model": NAME, "prompt": "x", "n": 17}, "n"),
     ("empty stop string", "/v1/completions", {"model": NAME, "prompt": "x", "stop": [""]}, "stop"),
-    ("echo+stream", "/v1/completions", {"model": NAME, "prompt": "x", "echo": 1, "stream": True}, "echo with stream"),
+    ("echo+stream", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "stream": True}, "echo"),
 ]
 
 
@@ -441,7 +441,7 @@ def test_echo_logprobs_score_the_prompt(server, model_tok):
     assert body["choices"][0]["text"].startswith(text) and len(lp["token_logprobs"]) == len(ids) + 3
     assert lp["text_offset"][len(ids)] == len(text)
     status, body = raw(port, "POST", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0})
-    assert status == 400 and "max_tokens 0 without echo" in body["error"]["message"]
+    assert status == 400 and "max_tokens 0 needs echo" in body["error"]["message"]
 
 
 def test_lm_eval_local_completions_scores_like_the_native_adapter(tiny_run, server, tmp_path):

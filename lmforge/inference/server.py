@@ -608,13 +608,17 @@ def create_app(
         check_auth(request)
         check_model(body.model)
         for name, bad in (
-            ("echo with stream", body.echo and body.stream),
-            ("max_tokens 0 without echo", body.max_tokens == 0 and not body.echo),
             ("suffix", body.suffix),
             ("best_of", body.best_of not in (None, body.n)),
         ):
             if bad:
                 raise APIError(400, f"{name} is not supported", name)
+        if body.echo and body.stream:
+            raise APIError(400, "echo is not supported with stream", "echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(
+                400, "max_tokens 0 needs echo: true (it scores the prompt, generating nothing)", "max_tokens"
+            )
         p = body.prompt
         if isinstance(p, str):
             prompts = [p]
