@@ -35,6 +35,7 @@ TOKENIZER = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
+DATA_INFO = "data.json"  # where a run's training data is (the shards, or a pairs file / demo), for --resume
 CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 EVAL_DIR = "eval"
@@ -64,6 +65,20 @@ def load_config(run_dir: str | Path) -> Config:
     cfg = Config.from_dict(d, family)
     cfg.validate()
     return cfg
+
+
+def read_data_info(run_dir: Path) -> dict:
+    """A run's data.json as a dict; LmforgeError (one line) when it is missing, unreadable or not a JSON object."""
+    path = Path(run_dir) / DATA_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"cannot resume {run_dir}: it has no {DATA_INFO} (where its training data is)") from None
+    except (OSError, ValueError) as e:
+        raise LmforgeError(f"cannot resume {run_dir}: unreadable {path} ({e})") from None
+    if not isinstance(info, dict):
+        raise LmforgeError(f"cannot resume {run_dir}: corrupt {path} (not a JSON object)")
+    return info
 
 
 def weights_for_saving(model) -> dict[str, torch.Tensor]:
@@ -127,26 +142,6 @@ def load_trainer_state(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip or a pickle we refuse to run
         raise LmforgeError(f"corrupt trainer state {path}: {str(e).splitlines()[0]}") from None
-
-
-def load_chat_template(run_dir: str | Path) -> str | None:
-    """The run's own chat template (chat_template.jinja, else tokenizer_config.json's), or None."""
-    run_dir = Path(run_dir)
-    jinja = run_dir / CHAT_TEMPLATE
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = run_dir / TOKENIZER_CONFIG
-    if not cfg.is_file():
-        return None
-    try:
-        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise LmforgeError(f"cannot read {cfg}: {e}") from None
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next(
-            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
-        )
-    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(run_dir: Path) -> Tokenizer:

@@ -118,6 +118,7 @@ class TokenData:
     """All shards of one split, memory-mapped, sampled as random windows of seq_len + 1 tokens."""
 
     def __init__(self, directory: str | Path, split: str):
+        self.directory, self.split = Path(directory), split
         paths = shard_paths(directory, split)
         if not paths:
             raise LmforgeError(f"no {split} shards in {directory} (run 'lmforge prepare' first)")
@@ -126,14 +127,41 @@ class TokenData:
         self.total = int(self.lengths.sum())
 
     def check(self, seq_len: int, vocab_size: int | None = None) -> None:
+        """LmforgeError unless a window of seq_len + 1 tokens fits in a shard (and every id is below vocab_size)."""
         if max(self.lengths) < seq_len + 1:
             raise LmforgeError(
                 f"not enough tokens: the largest shard has {max(self.lengths)}, a window needs {seq_len + 1}"
             )
         if vocab_size is not None:
-            top = max(int(s.max()) for s in self.shards if len(s))
-            if top >= vocab_size:
-                raise LmforgeError(f"shard token id {top} is outside the model vocabulary ({vocab_size})")
+            self.check_vocab(vocab_size)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """LmforgeError (one line) when a token id of this split is not below vocab_size."""
+        tops = [int(s.max()) for s in self.shards if len(s)]
+        if tops and max(tops) >= vocab_size:
+            raise LmforgeError(
+                f"{self.split} shard token id {max(tops)} in {self.directory} is outside the model vocabulary "
+                f"({vocab_size})"
+            )
+
+    def draw_starts(self, n: int, seq_len: int, generator: torch.Generator) -> np.ndarray:
+        """n random window starts (n,), positions in the concatenation of the shards' valid starts.
+
+        One draw of all n: the windows of a training step are drawn here once, then split across ranks and
+        micro-steps, so which windows a step sees does not depend on how many processes share it."""
+        usable = np.maximum(self.lengths - seq_len, 0)  # number of valid start positions per shard
+        return torch.randint(0, int(usable.sum()), (n,), generator=generator).numpy()
+
+    def windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows (x, y) at `starts` (from draw_starts), each (len(starts), seq_len); y is x shifted by one."""
+        cum = np.cumsum(np.maximum(self.lengths - seq_len, 0))
+        rows = []
+        for s in starts:
+            k = int(np.searchsorted(cum, s, side="right"))
+            off = int(s - (cum[k - 1] if k else 0))
+            rows.append(np.asarray(self.shards[k][off : off + seq_len + 1], dtype=np.int64))
+        buf = torch.from_numpy(np.stack(rows))
+        return buf[:, :-1], buf[:, 1:]
 
     def batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator, rank: int = 0, world: int = 1
@@ -144,14 +172,5 @@ class TokenData:
         generator state) and reads only its own share, so the global batch equals a
         single-process batch of world x batch_size.
         """
-        usable = np.maximum(self.lengths - seq_len, 0)  # number of valid start positions per shard
-        cum = np.cumsum(usable)
-        starts = torch.randint(0, int(cum[-1]), (batch_size * world,), generator=generator).numpy()
-        starts = starts[rank * batch_size : (rank + 1) * batch_size]
-        rows = []
-        for s in starts:
-            k = int(np.searchsorted(cum, s, side="right"))
-            off = int(s - (cum[k - 1] if k else 0))
-            rows.append(np.asarray(self.shards[k][off : off + seq_len + 1], dtype=np.int64))
-        buf = torch.from_numpy(np.stack(rows))
-        return buf[:, :-1], buf[:, 1:]
+        starts = self.draw_starts(batch_size * world, seq_len, generator)
+        return self.windows(starts[rank * batch_size : (rank + 1) * batch_size], seq_len)

@@ -58,11 +58,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ModelConfig, TrainConfig
+from ..data.chat import load_chat_template
 from ..errors import LmforgeError
 from ..io import atomic_path, write_text_atomic
 from ..models import build_model
 from ..models.layers import rope_inv_freq
-from ..runs import CHAT_TEMPLATE, TOKENIZER, WEIGHTS, load, load_chat_template, save_config, save_weights
+from ..runs import CHAT_TEMPLATE, TOKENIZER, WEIGHTS, load, save_config, save_weights
 
 DTYPES = ("f32", "f16", "q8_0")
 LMFORGE_ROPE_KEY = "lmforge.rope_scaling"  # our own key: the exact scaling rule behind rope_freqs, for import

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, ModelConfig, TrainConfig
+from ..data.chat import load_chat_template
 from ..data.tokenizer import Tokenizer
 from ..errors import LmforgeError
 from ..io import atomic_path, write_json_atomic, write_text_atomic
@@ -48,7 +49,6 @@ from ..runs import (
     CHAT_TEMPLATE,
     TOKENIZER,
     WEIGHTS,
-    load_chat_template,
     load_config,
     load_tokenizer,
     load_weights,
@@ -64,9 +64,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"corrupt {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise LmforgeError(f"corrupt {path}: not a JSON object")
+    return cfg
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
