@@ -539,7 +539,8 @@ def to_hf(run_dir: str | Path, hf_dir: str | Path) -> Path:
 
 def tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig, chat_template: str | None) -> dict:
     """tokenizer_config.json for AutoTokenizer: the fast tokenizer of tokenizer.json, end-of-text as EOS, BOS and
-    padding (lmforge adds no BOS), text decoded exactly as encoded, the context length, the chat template if any."""
+    padding (lmforge adds no BOS), special-token look-alikes in text encoded as text (as lmforge does), text
+    decoded exactly as encoded, the context length, the chat template if any."""
     out = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": tokenizer.eos_token,
@@ -548,6 +549,7 @@ def tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig, chat_template: str 
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,  # text is text: "<|endoftext|>" typed in a prompt is characters, as in lmforge
         "model_max_length": cfg.block_size,
     }
     if chat_template:
