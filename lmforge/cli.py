@@ -14,6 +14,7 @@ from .errors import LmforgeError
 # The choices of lmforge.inference.quantize.QUANTIZE, not imported from there: that loads torch.
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # lmforge.interop.gguf.DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,11 +169,19 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity, bits per byte and next-token accuracy of a run on some text "
+        help="loss, perplexity, bits per byte and next-token accuracy on some text, or benchmark tasks with "
+        "lm-evaluation-harness "
         "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
     ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
+    ev.add_argument(
+        "--tasks", help="lm-evaluation-harness task names, comma-separated (needs lmforge[eval]); results in RUN/eval/"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="--tasks: at most N documents per task (< 1: a share)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt")
+    ev.add_argument("--include-path", default=None, help="--tasks: a folder of your own task YAML files")
+    ev.add_argument("--batch-size", type=int, default=16, help="--tasks: sequences scored together")
     ev.add_argument("--demo", metavar="NAME", help="seq2seq: the held-out test split of a built-in demo task")
     ev.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
     ev.add_argument("--length-penalty", type=float, default=1.0)
@@ -214,16 +223,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("--device", default="auto")
 
-    cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
+    cv = sub.add_parser("convert", help="convert between lmforge runs and Hugging Face folders or GGUF files")
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
-    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
+    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export as a Hugging Face folder")
+    direction.add_argument("--to-gguf", metavar="RUN", help="lmforge run directory to export as one GGUF file")
+    direction.add_argument("--from-gguf", metavar="FILE", help="llama or gpt2 GGUF file to import")
     direction.add_argument(
         "--consolidate",
         metavar="RUN",
         help="write RUN/model.safetensors from RUN's latest checkpoint (a sharded FSDP run's, in one process)",
     )
-    cv.add_argument("--out", help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    cv.add_argument("--out", help="run directory (--from-*), Hugging Face folder (--to-hf) or .gguf file (--to-gguf)")
+    cv.add_argument(
+        "--dtype",
+        choices=GGUF_DTYPES,
+        default=None,
+        help="--to-gguf: f32, f16 (default; 1-D tensors stay f32) or q8_0 (8-bit blocks, gguf's own quantiser)",
+    )
     p.verbs = sub.choices  # verb -> its parser, for "did you mean"
     return p
 
@@ -433,7 +450,7 @@ def _train(args, extra):
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
-    overrides = C.parse_overrides(extra, family, cli_options=_TRAIN_OPTIONS)
+    overrides = C.parse_overrides(extra, family, cli_options=_OWN_OPTIONS["train"])
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
@@ -477,7 +494,7 @@ def _finetune(args, extra):
 
     if (args.data is None) == (args.demo is None):
         raise LmforgeError("finetune needs --data CHATS (.jsonl or .parquet) or --demo NAME")
-    overrides = C.parse_overrides(extra)
+    overrides = C.parse_overrides(extra, cli_options=_OWN_OPTIONS["finetune"])
     C.check_finetune_overrides(overrides)
     cfg = C.finetune_config(load_config(args.run))
     budget_given = {k for sec in overrides.values() for k in sec if k in BUDGET_KEYS}
@@ -659,6 +676,11 @@ def _eval(args):
     from .evaluation.perplexity import evaluate_text
     from .runs import load
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    if args.limit is not None or args.num_fewshot is not None or args.include_path is not None:
+        raise LmforgeError("--limit, --num-fewshot and --include-path go with --tasks")
+
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _eval_seq2seq(args, model, tok)
@@ -679,6 +701,24 @@ def _eval(args):
         from .models.moe import routing_table
 
         print("\n".join(routing_table(res["moe_routing"], model.config.moe_capacity_factor)))
+
+
+def _eval_tasks(args):
+    if args.data is not None or args.demo is not None or args.quantize is not None:
+        raise LmforgeError("--tasks runs benchmark tasks: it takes no --data, --demo or --quantize")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise LmforgeError("--tasks needs at least one task name")
+    if args.batch_size < 1 or (args.limit is not None and args.limit <= 0) or (args.num_fewshot or 0) < 0:
+        raise LmforgeError("--batch-size and --limit must be positive, --num-fewshot >= 0")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    from .evaluation import harness
+
+    results, path = harness.run_tasks(
+        args.run, tasks, limit, args.num_fewshot, args.include_path, args.batch_size, args.device
+    )
+    print(harness.results_table(results))
+    print(f"full results: {path}")
 
 
 def _plot(args):
@@ -711,21 +751,29 @@ def _bench(args):
 
 
 def _convert(args):
-    from .interop import hf as interop
+    from .interop import gguf, hf
 
+    if args.dtype is not None and not args.to_gguf:
+        raise LmforgeError("--dtype is for --to-gguf")
     if args.consolidate:
         from .train.checkpoint import consolidate
 
         consolidate(args.consolidate)
         return
     if not args.out:
-        raise LmforgeError("convert needs --out (the run directory or Hugging Face folder to write)")
+        raise LmforgeError("convert needs --out (the run directory, Hugging Face folder or .gguf file to write)")
     if args.from_hf:
-        out = interop.from_hf(args.from_hf, args.out)
+        out = hf.from_hf(args.from_hf, args.out)
         print(f"converted {args.from_hf} -> lmforge run {out}")
-    else:
-        out = interop.to_hf(args.to_hf, args.out)
+    elif args.to_hf:
+        out = hf.to_hf(args.to_hf, args.out)
         print(f"converted {args.to_hf} -> Hugging Face folder {out}")
+    elif args.to_gguf:
+        out = gguf.to_gguf(args.to_gguf, args.out, args.dtype or "f16")
+        print(f"converted {args.to_gguf} -> GGUF file {out} ({out.stat().st_size / 1e6:.1f} MB, {args.dtype or 'f16'})")
+    else:
+        out = gguf.from_gguf(args.from_gguf, args.out)
+        print(f"converted {args.from_gguf} -> lmforge run {out}")
 
 
 def _eval_seq2seq(args, model, tok):

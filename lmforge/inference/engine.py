@@ -400,6 +400,23 @@ class Engine:
             yield from self.step()
 
 
+@torch.inference_mode()
+def prompt_logprobs(model, ids: list[int], n_top: int = 0) -> list[TokenLogprob | None]:
+    """Log-probability of each prompt token given the ones before it (None for the first, which has no context),
+    with the n_top most likely tokens at each position: one forward pass, log-softmax in float32.
+    ids: at most the model's context (block_size) tokens."""
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    lp = torch.log_softmax(model(x)[0, :-1].float(), dim=-1)  # (T-1, vocab): position t predicts ids[t + 1]
+    target = torch.tensor(ids[1:], device=lp.device)
+    chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
+    top = lp.topk(max(1, n_top), dim=-1) if len(ids) > 1 else None
+    out: list[TokenLogprob | None] = [None]
+    for t in range(len(ids) - 1):
+        pairs = list(zip(top.indices[t, :n_top].tolist(), top.values[t, :n_top].tolist())) if n_top else []
+        out.append(TokenLogprob(ids[t + 1], chosen[t], pairs))
+    return out
+
+
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest end of text that is the beginning of a stop string (held back while streaming)."""
     best = 0
