@@ -215,7 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
     direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
-    cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    direction.add_argument(
+        "--consolidate",
+        metavar="RUN",
+        help="write RUN/model.safetensors from RUN's latest checkpoint (a sharded FSDP run's, in one process)",
+    )
+    cv.add_argument("--out", help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
     return p
 
 
@@ -626,6 +631,13 @@ def _bench(args):
 def _convert(args):
     from .interop import hf as interop
 
+    if args.consolidate:
+        from .train.checkpoint import consolidate
+
+        consolidate(args.consolidate)
+        return
+    if not args.out:
+        raise LmforgeError("convert needs --out (the run directory or Hugging Face folder to write)")
     if args.from_hf:
         out = interop.from_hf(args.from_hf, args.out)
         print(f"converted {args.from_hf} -> lmforge run {out}")

@@ -14,7 +14,10 @@ queues and streams, so the event loop never waits for the model:
     request body --openai_api--> prompts, SamplingParams --Service.submit--> Job (rows) --Worker--> Engine
     Engine Outputs --Job.outputs queue--> Service.collect (whole response) or Service.stream (SSE chunks)
 
-The OpenAI wire format (bodies, choices, chunks, usage, logprobs, errors) lives in `openai_api.py`.
+Before any route, two ASGI middlewares refuse a request without its API key (401, `APIKeyAuth`) and
+one whose body is too large (413, `BodyLimit`). Chat templates are rendered in a worker thread under a
+time limit (`lmforge.data.chat`). The OpenAI wire format (bodies, choices, chunks, usage, logprobs,
+errors) lives in `openai_api.py`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ..config import Config, ModelConfig, Seq2SeqConfig, round_up
@@ -107,6 +108,9 @@ class Task(Protocol):
         Every rank draws from the same generator state, so the draws stay in step across ranks."""
         ...
 
+    # optional: step_batches(generator, device, accum) -> [batch(...) results] draws a whole step's micro-batches
+    # at once (LMTask: world-size independent windows); without it the loop calls `batch` accum times
+
     def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(SUM of the token losses of `batch` under `model` (a callable module), number of predicted tokens).
 
@@ -165,6 +169,15 @@ class LMTask:
             raise LmforgeError(f"validation split in {shard_dir} is empty")
         self.val_data.check_vocab(mc.vocab_size)
         self.micro_tokens = self.tc.batch_size * seq_len * self.world  # tokens per micro-step, all ranks together
+        # the windows of one optimizer step, all ranks and micro-steps together: fixed for the whole run, so a
+        # run resumed on another number of processes trains on the same tokens per step (accumulation adapts)
+        self.windows_per_step = _windows_per_step(self.tc.tokens_per_step, seq_len, self.tc.batch_size, self.world)
+        if resume and self.windows_per_step * seq_len != (self.tc.tokens_per_step or self.windows_per_step * seq_len):
+            raise LmforgeError(
+                f"cannot resume {run_dir} on {self.world} processes: its steps of {self.tc.tokens_per_step:,} tokens "
+                f"({self.tc.tokens_per_step // seq_len} windows of {seq_len}) do not split evenly over them"
+            )
+        self.tokens_per_step = self.windows_per_step * seq_len
         self.byte_lengths = torch.tensor(
             self.tokenizer.token_byte_lengths() + [0] * (mc.vocab_size - self.tokenizer.vocab_size)
         )
@@ -189,8 +202,8 @@ class LMTask:
         return [
             f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} without embeddings), "
             f"{mc.n_layer} layers, d_model {mc.d_model}, context {mc.block_size}",
-            f"train: {self.train_data.total:,} tokens; {accum * self.micro_tokens:,} tokens per step "
-            f"({tc.batch_size} x {self.seq_len}{ranks} x {accum} accumulation)",
+            f"train: {self.train_data.total:,} tokens; {self.tokens_per_step:,} tokens per step "
+            f"({self.windows_per_step} windows of {self.seq_len}: up to {tc.batch_size}{ranks} x {accum} accumulation)",
         ]
 
     def flops_per_token(self) -> float | None:
@@ -200,6 +213,22 @@ class LMTask:
         """((x, y) on device, each (batch_size, seq_len); this rank's predicted tokens: every position of y)."""
         x, y = self.train_data.batch(self.tc.batch_size, self.seq_len, generator, self.rank, self.world)
         return (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel()
+
+    def step_batches(self, generator: torch.Generator, device, accum: int) -> list:
+        """This rank's `accum` micro-batches of one optimizer step, as `batch` returns them.
+
+        The step's `windows_per_step` windows are drawn once (the same on every rank, whatever the number of
+        ranks), rank r takes the r-th contiguous share, and splits it into `accum` micro-batches of nearly
+        equal size (at most batch_size each). The step's loss is a token mean, so uneven micro-batches are exact.
+        """
+        starts = self.train_data.draw_starts(self.windows_per_step, self.seq_len, generator)
+        share = self.windows_per_step // self.world
+        mine = starts[self.rank * share : (self.rank + 1) * share]
+        out = []
+        for part in np.array_split(mine, accum):
+            x, y = self.train_data.windows(part, self.seq_len)
+            out.append(((x.to(device, non_blocking=True), y.to(device, non_blocking=True)), y.numel()))
+        return out
 
     def loss(self, model, batch):
         x, y = batch
@@ -237,6 +266,17 @@ class LMTask:
             top_k=50,
             seed=step,
         )
+
+
+def _windows_per_step(tokens_per_step: int | None, seq_len: int, batch_size: int, world: int) -> int:
+    """Windows of seq_len tokens per optimizer step: tokens_per_step / seq_len when that splits evenly over the
+    ranks (what a run's config holds once started), else rounded up to whole micro-steps of batch_size x world."""
+    micro = batch_size * world
+    if tokens_per_step is None:
+        return micro
+    if tokens_per_step % seq_len == 0 and (tokens_per_step // seq_len) % world == 0:
+        return tokens_per_step // seq_len
+    return math.ceil(tokens_per_step / (micro * seq_len)) * micro
 
 
 def _resume_shard_dir(run_dir: Path) -> Path:
