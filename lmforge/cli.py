@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--data", help='conversations: .jsonl ({"messages": [{"role", "content"}, ...]} per line) or .parquet'
     )
-    ft.add_argument("--demo", metavar="NAME", help="a built-in generated chat task instead of --data: skills")
+    ft.add_argument("--demo", metavar="NAME", help="a built-in generated chat task instead of --data: colors, skills")
     ft.add_argument(
         "--chat-template", metavar="FILE", help="Jinja chat template (default: the run's own, or lmforge's)"
     )

@@ -186,26 +186,56 @@ def _skills(rng: random.Random) -> list[dict]:
     return messages
 
 
+_COLORS = {
+    "apple": "red", "banana": "yellow", "lime": "green", "plum": "purple", "orange": "orange", "cherry": "red",
+    "lemon": "yellow", "grass": "green", "sky": "blue", "snow": "white", "coal": "black", "cloud": "white",
+    "carrot": "orange", "ocean": "blue", "leaf": "green", "tomato": "red", "grape": "purple", "crow": "black",
+}  # fmt: skip
+
+
+def _colors(rng: random.Random) -> list[dict]:
+    """One to three questions about the colour of things, sometimes after a system message."""
+    messages = [{"role": "system", "content": "Answer in one word."}] if rng.random() < 0.3 else []
+    for _ in range(rng.choice((1, 2, 3))):
+        thing = rng.choice(sorted(_COLORS))
+        messages += [
+            {"role": "user", "content": f"What color is {thing}?"},
+            {"role": "assistant", "content": _COLORS[thing]},
+        ]
+    return messages
+
+
+# name -> (description, generator, conversations drawn, what decides a conversation's split)
 CHAT_DEMOS = {
+    "colors": (
+        "answer the colour of 18 things (7 colours) in conversations of 1-3 questions; held-out conversations "
+        "are new combinations of the same facts",
+        _colors,
+        6_000,
+        lambda conv: json.dumps(conv),
+    ),
     "skills": (
-        "follow one of five instructions on a few letters (Repeat, Reverse, First, Last, Count), 1-3 turns",
+        "follow one of five instructions on a few letters (Repeat, Reverse, First, Last, Count), 1-3 turns; "
+        "held-out conversations end with questions never seen in training",
         _skills,
         10_000,
+        lambda conv: conv[-2]["content"],
     ),
 }
 
 
 def chat_demo(name: str, split: str) -> list[list[dict]]:
     """The 'train', 'val' or 'test' conversations of a demo (the same on every machine). A conversation goes to
-    a split by a hash of its last user message, so no held-out final question was seen in training."""
+    a split by a hash of its key (skills: the last user message, so no held-out final question was seen in
+    training; colors: the whole conversation)."""
     if name not in CHAT_DEMOS:
         raise ChatDataError(f"unknown chat demo {name!r}; available: {', '.join(CHAT_DEMOS)}")
-    _, make, size = CHAT_DEMOS[name]
+    _, make, size, key_of = CHAT_DEMOS[name]
     rng = random.Random(f"lmforge-chat-demo-{name}")
     out = []
     for _ in range(size):
         conv = make(rng)
-        key = conv[-2]["content"].encode()
+        key = key_of(conv).encode()
         bucket = int.from_bytes(hashlib.sha256(key).digest()[:4], "little") % 20
         if {"train": bucket > 1, "val": bucket == 1, "test": bucket == 0}[split]:
             out.append(conv)

@@ -203,9 +203,9 @@ def start(cfg: Config, task: Task, run_dir: Path, resume: bool, device, dist_inf
     ckpt = None
     if resume:  # rank 0 verifies (hashing every file once) and tells the others which checkpoint to load
         ckpt = broadcast_object(latest_checkpoint(run_dir) if dist_info.is_main else None, dist_info)
-    saved = load_full(ckpt, model) if ckpt is not None and not is_sharded(ckpt) else None
-    if ckpt is None:
+    else:
         task.init_model(model)  # the random init stays, or (fine-tuning) the base run's weights
+    saved = load_full(ckpt, model) if ckpt is not None and not is_sharded(ckpt) else None
     model.to(device)
     parallel = wrap(model, tc.parallel, dist_info, device)
     optimizers = build_optimizers(model, tc, device)
