@@ -76,7 +76,14 @@ def test_prompts_and_messages_from_request_bodies():
     assert completion_prompts(completion(prompt=["a", "b"])) == ["a", "b"]
     assert completion_prompts(completion(prompt=[5, 6])) == [[5, 6]]
     assert completion_prompts(completion(prompt=[[5], [6, 7]])) == [[5], [6, 7]]
-    for bad, param in ((dict(prompt=[]), "prompt"), (dict(echo=True), "echo"), (dict(best_of=3), "best_of")):
+    bad_bodies = (
+        (dict(prompt=[]), "prompt"),
+        (dict(echo=True, stream=True), "echo"),  # echo alone is supported (prompt logprobs); streamed it is not
+        (dict(max_tokens=0), "max_tokens"),  # scoring without generating needs echo
+        (dict(suffix="x"), "suffix"),
+        (dict(best_of=3), "best_of"),
+    )
+    for bad, param in bad_bodies:
         with pytest.raises(APIError) as e:
             completion_prompts(completion(**bad))
         assert e.value.param == param
