@@ -80,6 +80,15 @@ def test_schedule_warmup_and_cosine():
     assert math.isclose(lr_at(cfg, 100, 1.0), 0.1)
 
 
+def test_schedule_warmup_stable_decay():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.25)
+    assert math.isclose(lr_at(cfg, 4, 0.01), 0.5)  # warming up
+    assert lr_at(cfg, 100, 0.3) == lr_at(cfg, 500, 0.75) == 1.0  # stable until the last quarter
+    assert math.isclose(lr_at(cfg, 900, 0.875), 0.5)  # linear decay ...
+    assert math.isclose(lr_at(cfg, 1000, 1.0), 0.0, abs_tol=1e-12)  # ... to lr * min_lr_ratio
+    assert math.isclose(lr_at(TrainConfig(lr=1.0, schedule="wsd", min_lr_ratio=0.1), 1000, 1.0), 0.1)
+
+
 def test_weight_decay_only_on_matrices():
     from lmforge.models import build_model
 

@@ -43,31 +43,36 @@ def load_reference():
     return mod
 
 
+def bench_step(model, optimizers, batch, autocast, grad_clip: float = 1.0) -> torch.Tensor:
+    """One training step as `lmforge train` takes it: forward, loss, backward, clipping, optimizer step.
+
+    batch is (inputs, targets), both (B, T) token ids. Returns the loss (not synchronised).
+    """
+    inp, tgt = batch
+    with autocast():
+        logits = model(inp)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def _time_steps(model, optimizers, batch_size, seq_len, vocab, device, autocast, steps, warmup, grad_clip=1.0):
     """Seconds per optimizer step, after warmup steps, on random tokens."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(device)
-    inp, tgt = x[:, :-1], x[:, 1:]
+    batch = (x[:, :-1], x[:, 1:])
     model.train()
-
-    def one():
-        with autocast():
-            logits = model(inp)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-
     for _ in range(warmup):
-        one()
+        bench_step(model, optimizers, batch, autocast, grad_clip)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = one()
+        loss = bench_step(model, optimizers, batch, autocast, grad_clip)
     loss.item()
     if device.type == "cuda":
         torch.cuda.synchronize()

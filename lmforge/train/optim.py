@@ -104,10 +104,12 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
     """AdamW alone, or Muon for hidden matrices + AdamW for the rest (cfg.optimizer = 'adamw' | 'muon').
 
     Every param group carries 'base_lr'; the schedule multiplies it by the same warmup/cosine factor.
-    AdamW decays matrix weights only (never norms, biases or embeddings).
+    AdamW decays matrix weights only (never norms, biases or embeddings). AdamW is fused on CUDA and CPU.
     """
     groups = split_parameters(model)
-    fused = device.type == "cuda"
+    # The fused AdamW kernel updates all parameters in one pass per tensor (CUDA and CPU): on a CPU the
+    # unfused step is a dozen separate elementwise passes per tensor, a large share of a small model's step.
+    fused = device.type in ("cuda", "cpu")
     adam_groups = [
         {"params": groups["head"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
         {"params": groups["embed"], "weight_decay": 0.0, "base_lr": cfg.lr},
@@ -129,10 +131,20 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
 
 
 def lr_factor(cfg, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio as progress goes 0 -> 1."""
+    """The learning-rate multiplier at optimizer step `step` with `progress` (0 -> 1) of the budget used.
+
+    Linear warmup over warmup_steps, times the shape of cfg.schedule:
+    - "cosine": from 1 down to min_lr_ratio along half a cosine over the whole run;
+    - "wsd" (warmup-stable-decay, Hu et al. 2024, "MiniCPM"): 1 until the last decay_fraction of the run,
+      then linear down to min_lr_ratio. The run learns at full rate for longer and anneals at the end.
+    """
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     progress = min(max(progress, 0.0), 1.0)
-    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        start = 1.0 - cfg.decay_fraction
+        return warm * (1.0 if progress <= start else 1.0 - (1.0 - lo) * (progress - start) / cfg.decay_fraction)
+    return warm * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def lr_at(cfg, step: int, progress: float) -> float:
