@@ -70,7 +70,8 @@ def main():
     base = build_model(preset("gpt2").model).eval()
     hf = to_hf_gpt2(base)
     print(
-        f"GPT-2 124M shape, random weights, {torch.get_num_threads()} threads; max |logit difference| lmforge vs transformers: {check_same(base, hf):.2e}"
+        f"GPT-2 124M shape, random weights, {torch.get_num_threads()} threads; "
+        f"max |logit difference| lmforge vs transformers: {check_same(base, hf):.2e}"
     )
     models = {}
     for v in args.variants.split(","):
@@ -103,8 +104,8 @@ def main():
             run_ours(m, prompts, 4, compile=v.endswith("compile"))
         totals, steps = {}, {}
         for _ in range(args.repeats):
-            for name, model, fn in [("transformers", hf, lambda: run_hf(ids, args.new))] + [
-                (v, m, lambda m=m, v=v: run_ours(m, prompts, args.new, v.endswith("compile")))
+            for name, model, fn in [("transformers", hf, lambda ids=ids: run_hf(ids, args.new))] + [
+                (v, m, lambda m=m, v=v, prompts=prompts: run_ours(m, prompts, args.new, v.endswith("compile")))
                 for v, m in models.items()
             ]:
                 with forward_times(model) as stamps:
@@ -120,7 +121,8 @@ def main():
         limit = B * bw / bytes_per_step(base, B, context)  # tokens/s if every step only streamed its bytes from memory
         print(f"batch {B}: greedy tokens identical to transformers: {same:.1%}")
         print(
-            f"  {'':<14} {'end-to-end tok/s':>17} {'x transformers':>15} {'decode tok/s':>13} {'x transformers':>15} {'of bandwidth limit':>19}"
+            f"  {'':<14} {'end-to-end tok/s':>17} {'x transformers':>15} {'decode tok/s':>13} {'x transformers':>15} "
+            f"{'of bandwidth limit':>19}"
         )
         for name in totals:
             frac = f"{decode[name] / limit:.0%}" if name in ("transformers", "fp32", "fp32-linear") else ""
@@ -129,8 +131,9 @@ def main():
                 f"{decode[name] / decode['transformers']:>14.2f}x {frac:>19}"
             )
         print(
-            f"  (fp32 bandwidth limit: {limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / {bytes_per_step(base, B, context) / 1e6:.0f} MB "
-            f"read per step x {B} rows; best of {args.repeats} runs: end-to-end incl. prefill, decode = median step time)\n"
+            f"  (fp32 bandwidth limit: {limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / "
+            f"{bytes_per_step(base, B, context) / 1e6:.0f} MB read per step x {B} rows; best of {args.repeats} runs: "
+            "end-to-end incl. prefill, decode = median step time)\n"
         )
 
 

@@ -74,8 +74,9 @@ def main():
     t = {name: min(v) for name, v in results.items()}
 
     print(
-        f"{args.tokens} tokens, d_model {args.d_model}, expert d_ff {args.d_ff}, {args.experts} experts top-{args.top_k}, "
-        f"{args.threads} threads; forward+backward, best of 3 medians of {args.repeats}"
+        f"{args.tokens} tokens, d_model {args.d_model}, expert d_ff {args.d_ff}, "
+        f"{args.experts} experts top-{args.top_k}, {args.threads} threads; "
+        f"forward+backward, best of 3 medians of {args.repeats}"
     )
     for name, v in t.items():
         print(f"  {name:<32} {1e3 * v:8.1f} ms")

@@ -40,10 +40,12 @@ def main():
         ref_logp = torch.log_softmax(ref_model(probe).float(), -1)
     prompt = tok.encode("import os\n\ndef main():\n")
     print(
-        f"{args.run}: {ref_model.num_params() / 1e6:.1f}M parameters; perplexity on {args.data}; decode speed at batch 1, {args.new} tokens\n"
+        f"{args.run}: {ref_model.num_params() / 1e6:.1f}M parameters; perplexity on {args.data}; "
+        f"decode speed at batch 1, {args.new} tokens\n"
     )
     print(
-        f"{'weights':<22} {'perplexity':>10} {'change':>8} {'KL vs fp32 (nats/token)':>24} {'top-1 agreement':>16} {'decode tok/s':>13}"
+        f"{'weights':<22} {'perplexity':>10} {'change':>8} {'KL vs fp32 (nats/token)':>24} {'top-1 agreement':>16} "
+        f"{'decode tok/s':>13}"
     )
     base_ppl = None
     for q in ("fp32 (nn.Linear)",) + QUANTIZE:
@@ -65,7 +67,8 @@ def main():
         base_ppl = base_ppl or res["perplexity"]
         name = {"none": "fp32 (oneDNN-packed)"}.get(q, q)
         print(
-            f"{name:<22} {res['perplexity']:>10.3f} {res['perplexity'] / base_ppl - 1:>+8.2%} {kl:>24.5f} {agree:>16.2%} {args.new / best:>13.1f}"
+            f"{name:<22} {res['perplexity']:>10.3f} {res['perplexity'] / base_ppl - 1:>+8.2%} {kl:>24.5f} "
+            f"{agree:>16.2%} {args.new / best:>13.1f}"
         )
 
 

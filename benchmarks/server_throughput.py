@@ -129,16 +129,17 @@ def main():
                     break
                 except OSError:
                     if server.poll() is not None:
-                        raise SystemExit(server.stderr.read().decode())
+                        raise SystemExit(server.stderr.read().decode()) from None
                     time.sleep(0.1)
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
             round_of(client, 2, 8, prompts)  # warm up
             print(
-                f"GPT-2 small shape, {args.vocab}-token vocabulary, random weights, --quantize {args.quantize}, {args.tokens} new tokens per request, "
-                f"{torch.get_num_threads()} threads"
+                f"GPT-2 small shape, {args.vocab}-token vocabulary, random weights, --quantize {args.quantize}, "
+                f"{args.tokens} new tokens per request, {torch.get_num_threads()} threads"
             )
             print(
-                f"{'clients':>8} {'total tok/s':>12} {'x 1 client':>11} {'per-client tok/s':>17} {'median first token':>19}"
+                f"{'clients':>8} {'total tok/s':>12} {'x 1 client':>11} {'per-client tok/s':>17} "
+                f"{'median first token':>19}"
             )
             base = None
             for n in [int(c) for c in args.clients.split(",")]:
@@ -151,7 +152,8 @@ def main():
                 rate = toks / wall
                 base = base or rate
                 print(
-                    f"{n:>8} {rate:>12.1f} {rate / base:>10.2f}x {rate / n:>17.1f} {statistics.median(ttft) * 1e3:>16.0f} ms"
+                    f"{n:>8} {rate:>12.1f} {rate / base:>10.2f}x {rate / n:>17.1f} "
+                    f"{statistics.median(ttft) * 1e3:>16.0f} ms"
                 )
         finally:
             server.terminate()

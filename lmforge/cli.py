@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .errors import LmforgeError
 
-QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")  # lmforge.inference.quantize.QUANTIZE (not imported here: it loads torch)
+# The choices of lmforge.inference.quantize.QUANTIZE, not imported from there: that loads torch.
+QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
 
@@ -139,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a run on some text (seq2seq: loss, exact match, BLEU, chrF on pairs)",
+        help="loss, perplexity and bits per byte of a run on some text "
+        "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
     ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
@@ -318,7 +320,8 @@ def _train(args, extra):
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
-                "--resume continues a run as it was configured; it takes no data, task, demo, preset, config or overrides"
+                "--resume continues a run as it was configured; "
+                "it takes no data, task, demo, preset, config or overrides"
             )
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
@@ -486,7 +489,8 @@ def _eval(args):
         pack_for_inference(model, args.quantize)
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(
-        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | bits/byte {res['bits_per_byte']:.4f}"
+        f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
+        f"| bits/byte {res['bits_per_byte']:.4f}"
     )
     if "moe_routing" in res:
         from .models.moe import routing_table

@@ -190,7 +190,8 @@ class Seq2SeqConfig:
         need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         need(
             not self.shared_vocab or self.src_vocab_size == self.tgt_vocab_size,
-            f"a shared vocabulary needs src_vocab_size == tgt_vocab_size (got {self.src_vocab_size} and {self.tgt_vocab_size})",
+            "a shared vocabulary needs src_vocab_size == tgt_vocab_size "
+            f"(got {self.src_vocab_size} and {self.tgt_vocab_size})",
         )
         need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r} (layernorm, rmsnorm)")
         need(self.norm_position in ("post", "pre"), f"unknown norm_position {self.norm_position!r} (post, pre)")

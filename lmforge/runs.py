@@ -4,8 +4,11 @@ runs/NAME/config.json        model family ("decoder" or "seq2seq") + model and t
 runs/NAME/tokenizer.json     the tokenizer (standard Hugging Face format); for seq2seq the target one
 runs/NAME/source_tokenizer.json   seq2seq only, when source and target vocabularies are separate
 runs/NAME/model.safetensors  weights
-runs/NAME/trainer_state.pt   optimizer, step, RNG states (torch.load(weights_only=True))
 runs/NAME/metrics.jsonl      one JSON object per log line / evaluation
+runs/NAME/data.json          what the run trained on (the prepared shards, or the pairs / demo), for --resume
+runs/NAME/checkpoints/step_NNNNNNN/, best/   model.safetensors, trainer_state.pt (optimizer, step, RNG states;
+                             torch.load(weights_only=True)) and manifest.json (sizes and hashes): see
+                             lmforge/train/checkpoint.py
 """
 
 from __future__ import annotations
@@ -92,13 +95,15 @@ def load_weights(path: Path, model) -> dict:
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:
         raise LmforgeError(
-            f"weights in {path} do not match the model config (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
+            f"weights in {path} do not match the model config "
+            f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
     for k, v in sd.items():
         want = model.state_dict()[k].shape
         if v.shape != want:
             raise LmforgeError(
-                f"weights in {path} do not match the model config: {k} has shape {tuple(v.shape)}, expected {tuple(want)}"
+                f"weights in {path} do not match the model config: "
+                f"{k} has shape {tuple(v.shape)}, expected {tuple(want)}"
             )
     model.load_state_dict(sd, strict=False)
     return meta
@@ -150,7 +155,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         tokenizer = load_tokenizer(run_dir)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise LmforgeError(
-                f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.model.vocab_size}"
+                f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens "
+                f"but the model's vocabulary is {cfg.model.vocab_size}"
             )
     model = build_model(cfg.model)
     load_weights(run_dir / WEIGHTS, model)

@@ -226,7 +226,8 @@ def test_cli_convert_round_trip(tiny_run, tmp_path, capsys):
 
 
 def test_mixtral_fused_expert_layout_is_read(tmp_path, small_tokenizer):
-    """transformers 5 holds experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj); a checkpoint in that layout loads too."""
+    """transformers 5 holds experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj); a checkpoint in
+    that layout loads too."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)

@@ -292,9 +292,9 @@ def test_config_validation(kw, msg):
 def test_presets_list_total_and_active_params(capsys):
     code, out, _ = run_cli(capsys, "presets")
     assert code == 0
-    line = next(l for l in out.splitlines() if l.startswith("moe-tiny"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("moe-tiny"))
     total, active = (float(w[:-1]) for w in line.split()[1:3])
-    llama = next(l for l in out.splitlines() if l.startswith("llama-tiny"))
+    llama = next(ln for ln in out.splitlines() if ln.startswith("llama-tiny"))
     assert total > 1.8 * active and abs(active - float(llama.split()[2][:-1])) < 0.05  # same active size as llama-tiny
     m = preset("moe-tiny").model
     assert m.moe_experts == 8 and m.moe_top_k == 2
@@ -337,7 +337,7 @@ def test_tiny_moe_model_learns(tmp_path, corpus_dir):
     shard_dir = next((tmp_path / "cache").glob("data-*"))
     entropy = unigram_entropy(np.asarray(read_shard(shard_dir / "train_0000.bin"), dtype=np.int64))
     assert result.final["val_loss"] < 0.5 * entropy, (result.final, entropy)
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in records if "loss" in r]
     assert logs[0]["loss"] > logs[-1]["loss"]
     for r in logs:  # router losses and routing reported separately from the LM loss
@@ -370,7 +370,7 @@ def test_cli_train_eval_and_export_errors(tmp_path, capsys, corpus_dir):
     assert "| balance " in stdout and "dropped " in stdout
     code, stdout, err = run_cli(capsys, "eval", out, "--data", corpus_dir / "part0.txt", "--max-tokens", "2000")
     assert code == 0, err
-    (line,) = [l for l in stdout.splitlines() if l.startswith("blocks.1:")]
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("blocks.1:")]
     assert "expert load %" in line and "beyond capacity" in line
     shares = [float(v) for v in line.split("[")[1].split("]")[0].split()]
     assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5
@@ -390,7 +390,8 @@ def test_readme_moe_config_runs(tmp_path, capsys, corpus_dir):
     cfg = C.merge(C.preset("tiny"), C.load_file(tmp_path / "moe.toml"))
     cfg.validate()
     want = preset("moe-tiny").model
-    # the README example is the moe-tiny preset spelled out (d_ff, the size of dense layers, is unused: every layer is MoE)
+    # the README example is the moe-tiny preset spelled out
+    # (d_ff, the size of dense layers, is unused: every layer is MoE)
     assert dataclasses.replace(cfg.model, d_ff=want.d_ff) == want
     code, stdout, err = run_cli(
         capsys,

@@ -43,7 +43,8 @@ def rand_ids(n, low=3, high=33, seed=0):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_padding_invariance(variant):
-    """An example alone and inside a padded batch gives the same encoder output and decoder logits at its real positions."""
+    """An example alone and inside a padded batch gives the same encoder output and decoder logits at its real
+    positions."""
     model = tiny(**VARIANTS[variant])
     src = [rand_ids(5, seed=1), rand_ids(11, seed=2), rand_ids(8, seed=3)]
     tgt = [rand_ids(4, seed=4), rand_ids(9, seed=5), rand_ids(2, seed=6)]
@@ -144,7 +145,8 @@ def test_beam_size_one_equals_greedy():
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
 def test_beam_hypotheses_sorted_by_normalised_score(length_penalty):
-    """Hypotheses come best first by log p / length ** penalty, and their log p is the model's probability of the tokens."""
+    """Hypotheses come best first by log p / length ** penalty, and their log p is the model's probability of the
+    tokens."""
     model = eos_prone_model()
     src = [rand_ids(n, seed=n) for n in range(2, 10)]
     S, S_mask = pad(src, PAD)

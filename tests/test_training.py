@@ -48,7 +48,7 @@ def test_learns_structured_text(tmp_path, corpus_dir):
     # the grammar is highly predictable: loss must fall far below what token frequencies alone give
     assert result.final["val_loss"] < 0.5 * entropy, (result.final, entropy)
     assert result.final["val_bpb"] < 1.0
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] > records[-2]["loss"]
 
 

@@ -144,7 +144,7 @@ def test_compile_trains(tmp_path, corpus_dir):
 
 def test_mfu_is_reported(tmp_path, corpus_dir):
     train(small_config(max_steps=3), tmp_path / "r", data=corpus_dir, cache_root=tmp_path / "c", log=QUIET)
-    recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     mfu = [r["mfu"] for r in recs if "mfu" in r]
     assert mfu and all(0 < m < 1 for m in mfu)
 

@@ -134,7 +134,8 @@ def spell_number(n: int) -> str:
 
 
 def _random_number(rng: random.Random) -> int:
-    """0 .. 999,999; each extra digit twice as likely, so long numbers dominate while every short one is still common."""
+    """0 .. 999,999; each extra digit twice as likely, so long numbers dominate while every short one is still
+    common."""
     digits = rng.choices(range(1, 7), weights=[1, 2, 4, 8, 16, 32])[0]
     return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
@@ -289,7 +290,8 @@ def _special_id(tok: Tokenizer, token: str) -> int:
 def encode_pairs(
     pairs: list[Pair], tok: PairTokenizer, max_len: int
 ) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """(source ids, target ids, kept indices): pairs whose source or target (with BOS/EOS) exceeds max_len are left out."""
+    """(source ids, target ids, kept indices): pairs whose source or target (with BOS/EOS) exceeds max_len are
+    left out."""
     src = tok.encode_sources([s for s, _ in pairs])
     tgt = tok.encode_targets([t for _, t in pairs])
     keep = [i for i in range(len(pairs)) if len(src[i]) <= max_len and len(tgt[i]) + 1 <= max_len]

@@ -93,7 +93,7 @@ def prepare(
         if not batch:
             return
         encoded = tokenizer.encode_batch([t for _, t, _ in batch])
-        for (split, text, ends_doc), ids in zip(batch, encoded):
+        for (split, _, ends_doc), ids in zip(batch, encoded):
             if ends_doc:
                 ids = ids + [eos]
             emit(split, ids)
@@ -215,6 +215,7 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
         },
     )
     log(
-        f"data: {stats.documents} documents, {stats.bytes / 1e6:.1f} MB -> {stats.train_tokens:,} train + {stats.val_tokens:,} val tokens ({time.time() - t0:.1f}s)"
+        f"data: {stats.documents} documents, {stats.bytes / 1e6:.1f} MB -> {stats.train_tokens:,} train "
+        f"+ {stats.val_tokens:,} val tokens ({time.time() - t0:.1f}s)"
     )
     return cache, tok

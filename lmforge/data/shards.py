@@ -102,7 +102,8 @@ def read_shard(path: str | Path) -> np.ndarray:
     expected = HEADER_BYTES + count * np.dtype(dtype).itemsize
     if size != expected:
         raise LmforgeError(
-            f"shard {path} is truncated or corrupt: header says {count} tokens ({expected} bytes), file has {size} bytes"
+            f"shard {path} is truncated or corrupt: header says {count} tokens ({expected} bytes), "
+            f"file has {size} bytes"
         )
     if count == 0:
         return np.zeros(0, dtype=dtype)

@@ -48,7 +48,8 @@ class Tokenizer:
         minimum = len(alphabet) + len(specials)
         if vocab_size < minimum:
             raise LmforgeError(
-                f"vocab size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) plus {len(specials)} special token(s) need at least {minimum}"
+                f"vocab size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) "
+                f"plus {len(specials)} special token(s) need at least {minimum}"
             )
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -1,4 +1,5 @@
-"""Loss, perplexity and bits per byte: on fixed validation windows of shards (training), and on any text (`lmforge eval`)."""
+"""Loss, perplexity and bits per byte: on fixed validation windows of shards (training), and on any text
+(`lmforge eval`)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def evaluate_pairs(
     src_ids, tgt_ids, keep = encode_pairs(pairs, tokenizer, model.config.max_len)
     if len(keep) < len(pairs):
         (warn or _warn)(
-            f"warning: left out {len(pairs) - len(keep)} pair(s) longer than the model's max_len ({model.config.max_len} tokens)"
+            f"warning: left out {len(pairs) - len(keep)} pair(s) longer than the model's max_len "
+            f"({model.config.max_len} tokens)"
         )
     if not keep:
         raise LmforgeError("no pairs short enough to evaluate")

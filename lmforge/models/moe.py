@@ -166,7 +166,8 @@ def moe_layers(model: nn.Module) -> dict[str, MoE]:
 
 
 def aux_losses(model: nn.Module) -> dict[str, tuple[float, torch.Tensor]]:
-    """Auxiliary losses of the last forward, averaged over MoE layers: {name: (coefficient, value)}; {} for dense models.
+    """Auxiliary losses of the last forward, averaged over MoE layers: {name: (coefficient, value)}; {} for dense
+    models.
 
     The training objective is lm_loss + sum(coefficient * value).
     """

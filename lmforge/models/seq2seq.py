@@ -30,7 +30,8 @@ from .layers import MLP, KVCache, make_norm, sinusoidal_table, window_mask
 
 
 class MultiHeadAttention(nn.Module):
-    """Queries from x attend over keys/values: from x itself (self-attention) or from the encoder output (cross-attention)."""
+    """Queries from x attend over keys/values: from x itself (self-attention) or from the encoder output
+    (cross-attention)."""
 
     def __init__(self, cfg: Seq2SeqConfig):
         super().__init__()
