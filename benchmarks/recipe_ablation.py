@@ -6,12 +6,23 @@
     python benchmarks/recipe_ablation.py --table --write    # ... and append it to benchmarks/RESULTS.md
 
 Every recipe trains the `tiny`-sized model (4 layers, d_model 192, context 256, 4,096-token tokenizer unless
-the recipe says otherwise) for the same number of training seconds (evaluation time not counted), in fp32
-by default, with the same seed, data order and validation windows. "textbook" is the GPT-2 recipe (the
-`gpt2-tiny` preset: learned positions, LayerNorm, GELU, biases, tied head, AdamW 3e-3, warmup + cosine);
-every other recipe is textbook plus the changes its name lists (see RECIPES). The metric is validation
-bits per byte (comparable across tokenizer sizes) at the end, and the training time a recipe needs to
-reach the textbook's final value on the same corpus and budget (linear interpolation between evaluations).
+the recipe says otherwise) for the same wall-clock budget, in fp32 by default, with the same seed, data order
+and validation windows. "textbook" is the GPT-2 recipe (the `gpt2-tiny` preset: learned positions, LayerNorm,
+GELU, biases, tied head, AdamW 3e-3, warmup + cosine); every other recipe is textbook plus the changes its
+name lists (see CHANGES, ALIASES and the knobs in parse_recipe). The metric is validation bits per byte
+(comparable across tokenizer sizes) at the end of the budget, and the training time a recipe needs to reach
+the textbook's final value on the same corpus and budget (linear interpolation between evaluations).
+
+How "equal wall-clock" is measured on a shared machine. Wall-clock training runs are at the mercy of the
+machine's other load: on 2 shared cores a run can lose half its steps to a neighbour, and which recipe
+suffers is luck. So the two parts are measured apart:
+1. seconds per step of every recipe, with both threads, interleaved round-robin over the recipes in one
+   process and the best of 3 rounds kept (the timed part: run it under the CPU lock); then
+2. each recipe trains for budget / (its seconds per step) steps, with its schedule stretched over those
+   steps. What a recipe learns in a given number of steps does not depend on the load, so these runs go
+   in parallel processes of one thread each (--jobs). Curves are put on the budget clock: step x seconds/step.
+--textbook-step fixes the textbook's seconds per step (e.g. measured on a quiet machine) and rescales the
+others by their measured ratio to it. Not counted: evaluation, and the data loader (the same for all).
 
 Corpora: "stdlib", the default corpus (the Python standard library and the pydoc topics); "prose",
 English text built from what ships with Python and the installed packages: the pydoc topics, then per
@@ -19,7 +30,7 @@ package the long description in its metadata (README-like), its .rst/.md documen
 at least 200 characters, at most 0.5 MB per package, capped at --prose-mb megabytes, in sorted order.
 
 Each run appends one line to OUT/results.jsonl; --table reads them all, so the ablation can run in parts
-(--only) and be tabulated at the end. The machine is shared: every run records its tokens/s.
+(--only) and be tabulated at the end.
 """
 
 from __future__ import annotations
@@ -172,37 +183,85 @@ def build_prose(out: Path, megabytes: float, per_package_mb: float = 0.5) -> Pat
     return path
 
 
-def run(name: str, corpus: str, seconds: float, precision: str, out: Path, eval_interval: int, prose_mb: float):
+def recipe_config(name: str):
+    cfg = merge(textbook(), parse_recipe(name))
+    return cfg
+
+
+def step_seconds(names: list[str], vocab_size: int, precision: str, rounds: int = 3, steps: int = 3) -> dict:
+    """Seconds per optimizer step of each recipe on random tokens, interleaved (round-robin) so that background
+    load hits every recipe alike; the best of `rounds` for each. Uses `lmforge bench train`'s step."""
+    from lmforge.models import build_model
+    from lmforge.train.bench import _time_steps
+    from lmforge.train.optim import build_optimizers
+    from lmforge.train.precision import autocast_for
+
+    dev = torch.device("cpu")
+    built = {}
+    for name in names:
+        cfg = recipe_config(name)
+        cfg.model.vocab_size = round_vocab(cfg.train.tokenizer_vocab_size, vocab_size)
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        built[name] = (model, build_optimizers(model, cfg.train, dev), cfg)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for name, (model, opts, cfg) in built.items():
+            t = _time_steps(
+                model,
+                opts,
+                cfg.train.batch_size,
+                cfg.model.block_size,
+                cfg.model.vocab_size,
+                dev,
+                autocast_for(dev, precision),
+                steps,
+                2 if r == 0 else 1,
+            )
+            times[name].append(t)
+    return {n: min(ts) for n, ts in times.items()}
+
+
+def round_vocab(tokenizer_vocab: int, default_vocab: int) -> int:
+    """The model vocabulary a run gets for a tokenizer of this size (lmforge rounds it up to a multiple of 64)."""
+    from lmforge.config import round_up
+
+    return round_up(tokenizer_vocab) if tokenizer_vocab else default_vocab
+
+
+def run(name, corpus, steps, step_s, budget_s, precision, out: Path, eval_interval, prose_mb, threads):
+    """Train recipe `name` for `steps` optimizer steps (its share of the budget at its measured step time)."""
+    import shutil
+
     from lmforge.train.loop import train
 
-    cfg = merge(textbook(), parse_recipe(name))
+    torch.set_num_threads(threads)
+    cfg = recipe_config(name)
     tc = cfg.train
-    tc.max_time, tc.max_steps, tc.max_tokens = seconds, None, None
+    tc.max_time, tc.max_steps, tc.max_tokens = None, steps, None
     tc.precision, tc.eval_interval, tc.sample_tokens, tc.log_interval = precision, eval_interval, 0, 50
     tc.checkpoint_interval, tc.keep_checkpoints = 10**9, 1
     data = None if corpus == "stdlib" else build_prose(out, prose_mb)
-    run_dir = out / "runs" / f"{corpus}-{int(seconds)}s-{precision}-{name}"
-    import shutil
-
+    run_dir = out / "runs" / f"{corpus}-{int(budget_s)}s-{precision}-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
     res = train(cfg, run_dir, data=data, cache_root=out / "cache", log=lambda *_: None)
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["elapsed"], r["val_bpb"]) for r in recs if "val_bpb" in r]
-    rates = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r and r["step"] > 1]
+    # seconds of training at the measured step time, so every recipe is on the same (budget) clock
+    curve = [(r["step"] * step_s, r["val_bpb"]) for r in recs if "val_bpb" in r]
     from lmforge.models import build_model
 
     rec = {
         "recipe": name,
         "corpus": corpus,
-        "seconds": seconds,
+        "seconds": budget_s,
         "precision": precision,
         "final_bpb": curve[-1][1],
         "curve": curve,
         "steps": res.step,
+        "step_s": step_s,
         "tokens": res.tokens,
-        "tokens_per_s": res.tokens / res.elapsed,
-        "median_rate": sorted(rates)[len(rates) // 2] if rates else None,
+        "tokens_per_s": res.tokens / res.step / step_s,
         "params": build_model(cfg.model).num_params(),
         "wall": round(time.time() - t0, 1),
         "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -212,8 +271,8 @@ def run(name: str, corpus: str, seconds: float, precision: str, out: Path, eval_
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
     print(
-        f"{corpus:<7} {name:<40} bpb {rec['final_bpb']:.4f}  steps {res.step:>5}  "
-        f"{rec['tokens_per_s']:,.0f} tok/s  ({rec['wall']:.0f}s wall)",
+        f"{corpus:<7} {name:<40} bpb {rec['final_bpb']:.4f}  steps {res.step:>5} x {1000 * step_s:.0f} ms  "
+        f"({rec['wall']:.0f}s wall)",
         flush=True,
     )
     return rec
@@ -264,12 +323,14 @@ def table(out: Path) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=90)
+    p.add_argument("--seconds", type=float, default=90, help="the wall-clock budget, in seconds of textbook steps")
+    p.add_argument("--textbook-step", type=float, default=None, help="seconds per textbook step (default: measure)")
     p.add_argument("--corpus", default="stdlib", help="stdlib, prose, or both")
     p.add_argument("--only", default="textbook", help="comma-separated recipe names (see the module docstring)")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--prose-mb", type=float, default=8.0)
+    p.add_argument("--jobs", type=int, default=2, help="quality runs in parallel, one thread each (not timed)")
     p.add_argument("--out", default="bench-out/ablation")
     p.add_argument("--table", action="store_true", help="print the table of all results in OUT (no training)")
     p.add_argument("--write", action="store_true", help="with --table: append it to benchmarks/RESULTS.md")
@@ -288,9 +349,39 @@ def main():
     names = [n for n in args.only.split(",") if n]
     for n in names:
         parse_recipe(n)  # fail before training anything
-    for corpus in corpora:
-        for name in names:
-            run(name, corpus, args.seconds, args.precision, out, args.eval_interval, args.prose_mb)
+    # 1. seconds per step of every recipe (and the textbook), interleaved, with all threads: the timed part
+    timing = list(dict.fromkeys(["textbook", *names]))
+    step_s = step_seconds(timing, 4096, args.precision, rounds=2, steps=2)
+    ref = args.textbook_step or step_s["textbook"]
+    scale = ref / step_s["textbook"]  # a given textbook step time rescales all measured ones alike
+    for n in timing:
+        print(
+            f"step time {n:<40} {1000 * step_s[n] * scale:7.0f} ms "
+            f"({step_s['textbook'] / step_s[n]:.2f}x textbook speed)"
+        )
+    # 2. each recipe trains for the steps its step time allows in the budget: deterministic, so run in parallel
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from lmforge.data.prepare import ensure_data
+
+    for corpus in corpora:  # prepare data once per tokenizer before the parallel runs share the cache
+        for vocab in sorted({recipe_config(n).train.tokenizer_vocab_size for n in names}):
+            tc = recipe_config("textbook").train
+            tc.tokenizer_vocab_size = vocab
+            ensure_data(None if corpus == "stdlib" else build_prose(out, args.prose_mb), tc, out / "cache", print)
+    jobs = [
+        (n, c, max(1, round(args.seconds / (step_s[n] * scale))), step_s[n] * scale, args.seconds)
+        for c in corpora
+        for n in names
+    ]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(run, *j, args.precision, out, args.eval_interval, args.prose_mb, 1 if args.jobs > 1 else 2)
+            for j in jobs
+        ]
+        for f in futures:
+            f.result()
 
 
 if __name__ == "__main__":

@@ -136,13 +136,15 @@ def bench_train(
         out[name] = {"tokens_per_s": tps, "mfu": tps * flops / pk if pk else None, "step_s": best}
     out["ratio"] = out["lmforge"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     log(
-        f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{', compiled' if compile else ''}; best of {rounds} x {steps} steps"
+        f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{', compiled' if compile else ''}; "
+        f"best of {rounds} x {steps} steps"
     )
     for name, prec in (("lmforge", precision), ("reference", ref_precision)):
         r = out[name]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         log(
-            f"  {name:<10} {prec:<5} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6} (of the {prec} peak)   {1000 * r['step_s']:.0f} ms/step"
+            f"  {name:<10} {prec:<5} {r['tokens_per_s']:>10,.0f} tok/s   MFU {mfu:>6} (of the {prec} peak)   "
+            f"{1000 * r['step_s']:.0f} ms/step"
         )
     log(f"  ratio      {out['ratio']:.2f}x")
     return out
