@@ -332,6 +332,7 @@ def main():
     p.add_argument("--prose-mb", type=float, default=8.0)
     p.add_argument("--jobs", type=int, default=2, help="quality runs in parallel, one thread each (not timed)")
     p.add_argument("--out", default="bench-out/ablation")
+    p.add_argument("--phase", default="all", choices=["all", "time", "train"], help="time: step times only")
     p.add_argument("--table", action="store_true", help="print the table of all results in OUT (no training)")
     p.add_argument("--write", action="store_true", help="with --table: append it to benchmarks/RESULTS.md")
     args = p.parse_args()
@@ -349,16 +350,29 @@ def main():
     names = [n for n in args.only.split(",") if n]
     for n in names:
         parse_recipe(n)  # fail before training anything
-    # 1. seconds per step of every recipe (and the textbook), interleaved, with all threads: the timed part
+    # 1. seconds per step of every recipe (and the textbook), interleaved, with all threads: the timed part.
+    # Stored in OUT/step_times.json (per precision), so --phase time (under the CPU lock) and --phase train
+    # (deterministic; may run at low priority outside it) can be separate commands.
+    times_path = out / "step_times.json"
+    stored = json.loads(times_path.read_text()) if times_path.is_file() else {}
     timing = list(dict.fromkeys(["textbook", *names]))
-    step_s = step_seconds(timing, 4096, args.precision, rounds=2, steps=2)
-    ref = args.textbook_step or step_s["textbook"]
-    scale = ref / step_s["textbook"]  # a given textbook step time rescales all measured ones alike
+    if args.phase in ("all", "time"):
+        measured = step_seconds(timing, 4096, args.precision, rounds=2, steps=2)
+        # ratios to the textbook measured in the same round-robin are what carries across sessions
+        rel = {n: t / measured["textbook"] for n, t in measured.items()}
+        stored[args.precision] = {**stored.get(args.precision, {}), **rel}
+        stored[f"{args.precision}_textbook_s"] = measured["textbook"]
+        times_path.write_text(json.dumps(stored, indent=1))
+    rel = stored.get(args.precision, {})
+    missing = [n for n in timing if n not in rel]
+    if missing:
+        raise SystemExit(f"no step time for {', '.join(missing)}: run --phase time first (under the CPU lock)")
+    ref = args.textbook_step or stored[f"{args.precision}_textbook_s"]
+    step_s = {n: rel[n] * ref for n in timing}
     for n in timing:
-        print(
-            f"step time {n:<40} {1000 * step_s[n] * scale:7.0f} ms "
-            f"({step_s['textbook'] / step_s[n]:.2f}x textbook speed)"
-        )
+        print(f"step time {n:<40} {1000 * step_s[n]:7.0f} ms ({1 / rel[n]:.2f}x textbook speed)")
+    if args.phase == "time":
+        return
     # 2. each recipe trains for the steps its step time allows in the budget: deterministic, so run in parallel
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -370,11 +384,7 @@ def main():
             tc = recipe_config("textbook").train
             tc.tokenizer_vocab_size = vocab
             ensure_data(None if corpus == "stdlib" else build_prose(out, args.prose_mb), tc, out / "cache", print)
-    jobs = [
-        (n, c, max(1, round(args.seconds / (step_s[n] * scale))), step_s[n] * scale, args.seconds)
-        for c in corpora
-        for n in names
-    ]
+    jobs = [(n, c, max(1, round(args.seconds / step_s[n])), step_s[n], args.seconds) for c in corpora for n in names]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [
             pool.submit(run, *j, args.precision, out, args.eval_interval, args.prose_mb, 1 if args.jobs > 1 else 2)
