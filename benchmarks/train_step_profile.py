@@ -26,7 +26,20 @@ from lmforge.train.precision import autocast_for
 KINDS = [  # (kind, substrings of operator names), first match wins
     ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int")),
-    ("loss", ("log_softmax", "nll_loss", "cross_entropy", "softmax_backward")),
+    (
+        "loss",
+        (
+            "log_softmax",
+            "nll_loss",
+            "cross_entropy",
+            "crossentropy",
+            "softmax_backward",
+            "logsumexp",
+            "aten::exp",
+            "gather",
+            "aten::sub",
+        ),
+    ),
     ("norm", ("layer_norm", "rms_norm", "rsqrt", "aten::pow", "aten::mean", "aten::norm")),
     ("activation", ("gelu", "relu", "silu", "tanh", "threshold_backward", "aten::square")),
     ("optimizer", ("adam", "_foreach", "Optimizer", "newton", "lerp", "addcdiv", "addcmul", "sqrt", "clip")),

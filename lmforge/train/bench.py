@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..config import preset
 from ..errors import LmforgeError
 from ..models import build_model
+from ..models.loss import cross_entropy
 from .optim import build_optimizers
 from .precision import (
     autocast_for,
@@ -43,15 +44,16 @@ def load_reference():
     return mod
 
 
-def bench_step(model, optimizers, batch, autocast, grad_clip: float = 1.0) -> torch.Tensor:
+def bench_step(model, optimizers, batch, autocast, grad_clip: float = 1.0, loss_fn=cross_entropy) -> torch.Tensor:
     """One training step as `lmforge train` takes it: forward, loss, backward, clipping, optimizer step.
 
-    batch is (inputs, targets), both (B, T) token ids. Returns the loss (not synchronised).
+    batch is (inputs, targets), both (B, T) token ids; loss_fn(logits (N, V), targets (N,)) is lmforge's
+    cross-entropy, or F.cross_entropy for the textbook reference. Returns the loss (not synchronised).
     """
     inp, tgt = batch
     with autocast():
         logits = model(inp)
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
+    loss = loss_fn(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for opt in optimizers:
@@ -60,19 +62,21 @@ def bench_step(model, optimizers, batch, autocast, grad_clip: float = 1.0) -> to
     return loss
 
 
-def _time_steps(model, optimizers, batch_size, seq_len, vocab, device, autocast, steps, warmup, grad_clip=1.0):
+def _time_steps(
+    model, optimizers, batch_size, seq_len, vocab, device, autocast, steps, warmup, grad_clip=1.0, loss_fn=cross_entropy
+):
     """Seconds per optimizer step, after warmup steps, on random tokens."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(device)
     batch = (x[:, :-1], x[:, 1:])
     model.train()
     for _ in range(warmup):
-        bench_step(model, optimizers, batch, autocast, grad_clip)
+        bench_step(model, optimizers, batch, autocast, grad_clip, loss_fn)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = bench_step(model, optimizers, batch, autocast, grad_clip)
+        loss = bench_step(model, optimizers, batch, autocast, grad_clip, loss_fn)
     loss.item()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -117,7 +121,11 @@ def bench_train(
     times = {"lmforge": [], "reference": []}
     for _ in range(rounds):  # interleave so background load hits both alike
         times["lmforge"].append(_time_steps(ours_fwd, ours_opts, B, T, mcfg.vocab_size, dev, autocast, steps, warmup))
-        times["reference"].append(_time_steps(ref, [ref_opt], B, T, mcfg.vocab_size, dev, ref_autocast, steps, warmup))
+        times["reference"].append(
+            _time_steps(
+                ref, [ref_opt], B, T, mcfg.vocab_size, dev, ref_autocast, steps, warmup, loss_fn=F.cross_entropy
+            )
+        )
         warmup = 1
     ref_precision = choose_precision(ref_precision, dev)
     out = {
