@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory for the shards")
     pr.add_argument("--val-fraction", type=float, default=0.01)
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    pr.add_argument(
+        "--allow-special",
+        action="store_true",
+        help='read special-token text in documents ("<|endoftext|>") as control tokens (default: as plain text)',
+    )
 
     tr = sub.add_parser(
         "train",
@@ -140,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a run on some text "
+        help="loss, perplexity, bits per byte and next-token accuracy of a run on some text "
         "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
@@ -299,7 +304,13 @@ def _prepare(args):
     if not 0 < args.val_fraction < 0.5:
         raise LmforgeError("--val-fraction must be in (0, 0.5)")
     stats = prepare(
-        _data_spec(args.data), tok, args.out, args.val_fraction, args.shard_tokens, progress=sys.stderr.isatty()
+        _data_spec(args.data),
+        tok,
+        args.out,
+        args.val_fraction,
+        args.shard_tokens,
+        progress=sys.stderr.isatty(),
+        allow_special=args.allow_special,
     )
     with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
         tok.hf.save(str(tmp))
@@ -311,12 +322,13 @@ def _prepare(args):
 
 def _train(args, extra):
     from . import config as C
-    from .train.loop import train
 
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
     overrides = C.parse_overrides(extra, family)
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
@@ -377,6 +389,10 @@ def _free_run_dir(base: Path) -> Path:
 
 
 def _generate(args):
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise LmforgeError("--max-new-tokens must be at least 1")
+    if args.compile and args.quantize != "none":
+        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     import torch
 
     from .inference.engine import generate_stream
@@ -384,8 +400,6 @@ def _generate(args):
     from .inference.sampling import SamplingParams
     from .runs import load
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise LmforgeError("--max-new-tokens must be at least 1")
     max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     temperature = 0.0 if args.greedy else args.temperature
     extra = dict(
@@ -396,8 +410,6 @@ def _generate(args):
         stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop],
     )
     SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra).validate()  # fail before loading
-    if args.compile and args.quantize != "none":
-        raise LmforgeError("--compile and --quantize are alternatives; choose one")
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _generate_seq2seq(args, model, tok)
@@ -409,22 +421,24 @@ def _generate(args):
 
     def run_one(prompt: str):
         sys.stdout.write(prompt)
-        for piece in generate_stream(
-            model,
-            tok,
-            prompt,
-            max_new_tokens,
-            temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            compile=args.compile,
-            **extra,
-        ):
-            sys.stdout.write(piece)
+        try:
+            for piece in generate_stream(
+                model,
+                tok,
+                prompt,
+                max_new_tokens,
+                temperature,
+                args.top_k,
+                args.top_p,
+                args.seed,
+                compile=args.compile,
+                **extra,
+            ):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # the output ends with a newline even when Ctrl-C stops it
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
 
     if args.prompt is not None:
         run_one(args.prompt)
@@ -490,7 +504,7 @@ def _eval(args):
     res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
     print(
         f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
-        f"| bits/byte {res['bits_per_byte']:.4f}"
+        f"| bits/byte {res['bits_per_byte']:.4f} | top-1 {100 * res['acc']:.1f}% | top-5 {100 * res['top5']:.1f}%"
     )
     if "moe_routing" in res:
         from .models.moe import routing_table
@@ -507,6 +521,8 @@ def _plot(args):
 
 
 def _bench(args):
+    if args.bench_verb not in ("matmul", "train"):
+        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
     from .train import bench
 
     if args.bench_verb == "matmul":
@@ -523,8 +539,6 @@ def _bench(args):
             ref_precision=args.ref_precision,
             device=args.device,
         )
-    else:
-        raise LmforgeError("usage: lmforge bench {matmul,train} ...")
 
 
 def _convert(args):
@@ -555,8 +569,6 @@ def _eval_seq2seq(args, model, tok):
 def _serve(args):
     import os
 
-    from .inference.server import serve
-
     if not 0 < args.port < 65536:
         raise LmforgeError("--port must be between 1 and 65535")
     if args.max_batch < 1:
@@ -564,6 +576,8 @@ def _serve(args):
     if args.compile and args.quantize != "none":
         raise LmforgeError("--compile and --quantize are alternatives; choose one")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
+    from .inference.server import serve  # torch and the HTTP stack: only once the arguments are known to be usable
+
     serve(
         args.run,
         host=args.host,

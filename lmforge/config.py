@@ -446,10 +446,14 @@ def load_file(path: str | Path) -> dict:
         raise LmforgeError(f"config file not found: {path}")
     try:
         if path.suffix == ".json":
-            return json.loads(path.read_text(encoding="utf-8"))
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+            d = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"cannot parse config file {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise LmforgeError(f"cannot parse config file {path}: not a table of settings")
+    return d
 
 
 def merge(cfg: Config, d: dict) -> Config:

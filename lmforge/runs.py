@@ -32,6 +32,7 @@ TOKENIZER = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
+DATA_INFO = "data.json"  # where a run's training data is (the shards, or a pairs file / demo), for --resume
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
@@ -58,6 +59,20 @@ def load_config(run_dir: str | Path) -> Config:
     cfg = Config.from_dict(d, family)
     cfg.validate()
     return cfg
+
+
+def read_data_info(run_dir: Path) -> dict:
+    """A run's data.json as a dict; LmforgeError (one line) when it is missing, unreadable or not a JSON object."""
+    path = Path(run_dir) / DATA_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"cannot resume {run_dir}: it has no {DATA_INFO} (where its training data is)") from None
+    except (OSError, ValueError) as e:
+        raise LmforgeError(f"cannot resume {run_dir}: unreadable {path} ({e})") from None
+    if not isinstance(info, dict):
+        raise LmforgeError(f"cannot resume {run_dir}: corrupt {path} (not a JSON object)")
+    return info
 
 
 def weights_for_saving(model) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The generation engine: cache layouts, batched == one by one, stopping, sampling, streaming, packing."""
+"""The generation engine: cache layouts, batched == one by one, stopping, sampling, streaming (packed weights:
+test_quantize.py)."""
 
 import math
 
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine, Request, generate, generate_batch, generate_stream, generate_tokens
-from lmforge.inference.quantize import pack_for_inference
 from lmforge.inference.sampling import SamplingParams, apply_penalties, sample_next_token
 from lmforge.models import build_model
 from lmforge.runs import load
@@ -234,34 +234,6 @@ def test_cancel_frees_the_row_and_bad_requests_are_refused():
         rest += [t for out in engine.step() for t in out.token_ids]
     alone = list(generate_tokens(model, [3], 30, temperature=0.0, ignore_eos=True))
     assert alone[-len(rest) :] == rest
-
-
-@pytest.mark.parametrize("quantize,tol", [("none", 1e-4), ("bf16", 0.2), ("int8", 0.3), ("int8-dynamic", 0.5)])
-@torch.no_grad()
-def test_packed_and_quantised_linears(quantize, tol):
-    ref_model = tiny_model()
-    model = pack_for_inference(tiny_model(), quantize)
-    if quantize == "none":  # the toy model's layers are below the packing threshold: pack them anyway to test the path
-        from lmforge.inference import quantize as packing
-
-        model = tiny_model()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(packing, "PACK_MIN_WEIGHTS", 0)
-            pack_for_inference(model, quantize)
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    x = torch.randint(0, 97, (3, 20))
-    ref, out = ref_model(x), model(x)
-    assert (out - ref).abs().max() < tol
-    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
-    if quantize == "none":
-        assert list(generate_tokens(model, [1, 2, 3], 20, temperature=0.0)) == list(
-            generate_tokens(ref_model, [1, 2, 3], 20, temperature=0.0)
-        )
-
-
-def test_unknown_quantization():
-    with pytest.raises(LmforgeError, match="unknown quantization"):
-        pack_for_inference(tiny_model(), "int3")
 
 
 @pytest.mark.slow

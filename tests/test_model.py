@@ -69,24 +69,27 @@ def test_zero_init_projections_make_blocks_start_as_identity():
     assert torch.equal(model.blocks[0](x), x)
 
 
-def test_cross_entropy_matches_torch_with_and_without_smoothing():
+def test_cross_entropy_matches_torch_with_smoothing_and_ignored_targets():
     import torch.nn.functional as F
 
-    from lmforge.models.loss import cross_entropy
+    from lmforge.data.pairs import IGNORE
+    from lmforge.models.loss import token_cross_entropy
 
     torch.manual_seed(0)
     for smoothing in (0.0, 0.1):
         for reduction in ("mean", "sum"):
             logits = torch.randn(37, 50, dtype=torch.float64, requires_grad=True)
             y = torch.randint(0, 50, (37,))
-            ours = cross_entropy(logits, y, reduction, smoothing)
+            y[::5] = IGNORE
+            ours = token_cross_entropy(logits, y, reduction, smoothing)
             (g_ours,) = torch.autograd.grad(2.5 * ours, logits)
-            ref = F.cross_entropy(logits, y, reduction=reduction, label_smoothing=smoothing)
+            ref = F.cross_entropy(logits, y, reduction=reduction, label_smoothing=smoothing, ignore_index=IGNORE)
             (g_ref,) = torch.autograd.grad(2.5 * ref, logits)
             torch.testing.assert_close(ours, ref)
             torch.testing.assert_close(g_ours, g_ref)
+            assert not g_ours[::5].any()  # ignored rows get no gradient
     half = torch.randn(8, 30, dtype=torch.bfloat16, requires_grad=True)
-    cross_entropy(half, torch.randint(0, 30, (8,))).backward()
+    token_cross_entropy(half, torch.randint(0, 30, (8,))).backward()
     assert half.grad.dtype == torch.bfloat16
 
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 import uvicorn
 
+from lmforge.data.chat import render_chat
 from lmforge.inference.engine import generate_batch
 from lmforge.inference.quantize import pack_for_inference
 from lmforge.inference.sampling import SamplingParams
-from lmforge.inference.server import create_app, render_chat
+from lmforge.inference.server import create_app
 from lmforge.runs import load
 
 NAME = "tiny"
@@ -252,6 +253,34 @@ BAD = [
     ("n too large", "/v1/completions", {"model": NAME, "prompt": "x", "n": 17}, "n"),
     ("empty stop string", "/v1/completions", {"model": NAME, "prompt": "x", "stop": [""]}, "stop"),
     ("unsupported echo", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}, "echo"),
+    # a lone UTF-16 surrogate is valid JSON ("\ud800") but no character
+    ("lone surrogate in prompt", "/v1/completions", {"model": NAME, "prompt": "ab\ud800cd", "max_tokens": 4}, "prompt"),
+    (
+        "lone surrogate in a streamed prompt",
+        "/v1/completions",
+        {"model": NAME, "prompt": "ab\udfffcd", "max_tokens": 4, "stream": True},
+        "prompt",
+    ),
+    ("lone surrogate in a prompt list", "/v1/completions", {"model": NAME, "prompt": ["ok", "\udc00"]}, "prompt.1"),
+    ("lone surrogate in a stop string", "/v1/completions", {"model": NAME, "prompt": "x", "stop": "\ud800"}, "stop"),
+    (
+        "lone surrogate in a message",
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "ab\ud800cd"}], "max_tokens": 4},
+        "messages.0.content",
+    ),
+    (
+        "lone surrogate in a streamed message",
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 4, "stream": True},
+        "messages.0.content",
+    ),
+    (
+        "lone surrogate in a content part",
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+        "messages.0.content.0.text",
+    ),
 ]
 
 
@@ -377,6 +406,12 @@ def test_api_key(model_tok, monkeypatch):
         body = {"model": NAME, "prompt": "1:", "max_tokens": 2}
         status, reply = raw(port, "POST", "/v1/completions", body)
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+        # refused before anything reads the body: not 400 for an invalid one, not 413 for a huge one
+        for bad in ({"model": NAME}, "{oops", json.dumps({"model": NAME, "prompt": "a" * (2 << 20)})):
+            status, reply = raw(port, "POST", "/v1/completions", bad)
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key", reply
+        assert raw(port, "POST", "/v1/chat/completions", {"model": NAME}, {"Authorization": "Bearer x"})[0] == 401
+        assert raw(port, "POST", "/v1/completions", {"model": NAME}, {"Authorization": "Bearer sekret"})[0] == 400
         assert raw(port, "POST", "/v1/completions", body, {"Authorization": "Bearer wrong"})[0] == 401
         assert raw(port, "GET", "/v1/models", None, {"Authorization": "sekret"})[0] == 401
         assert raw(port, "POST", "/v1/completions", body, {"Authorization": "Bearer sekret"})[0] == 200
@@ -404,9 +439,75 @@ def test_cli_serve_generate_and_eval_options(tiny_run, corpus_dir, capsys):
         capsys, "generate", tiny_run, "--prompt", "1: the", "--greedy", "--max-new-tokens", 20, "--stop", "."
     )
     assert code == 0 and out.startswith("1: the") and "." not in out[len("1: the") :], err
+    assert out.endswith("\n")  # the shell prompt starts on a line of its own
     code, out, err = run_cli(
         capsys, "generate", tiny_run, "--prompt", "1: the", "--quantize", "bf16", "--max-new-tokens", 5, "--seed", 1
     )
     assert code == 0, err
     code, out, err = run_cli(capsys, "eval", tiny_run, "--data", corpus_dir / "part0.txt", "--quantize", "int8")
     assert code == 0 and "perplexity" in out, err
+
+
+def test_empty_api_key_means_no_key(model_tok, tiny_run, monkeypatch, capsys):
+    model, tok = model_tok
+    body = {"model": NAME, "prompt": "1:", "max_tokens": 2}
+    with running(create_app(model, tok, NAME, api_key="")) as port:
+        assert raw(port, "POST", "/v1/completions", body)[0] == 200
+        assert raw(port, "POST", "/v1/completions", body, {"Authorization": "Bearer "})[0] == 200
+    # the CLI: --api-key "" overrides $LMFORGE_API_KEY and serves without a key, as it says
+    from conftest import run_cli
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    monkeypatch.setenv("LMFORGE_API_KEY", "from-env")
+    code, out, err = run_cli(capsys, "serve", tiny_run, "--api-key", "", "--model-name", NAME)
+    assert code == 0 and "no API key" in out, err
+    with running(served["app"]) as port:
+        assert raw(port, "POST", "/v1/completions", body)[0] == 200
+    code, out, _ = run_cli(capsys, "serve", tiny_run, "--model-name", NAME)
+    assert code == 0 and "API key required" in out
+    with running(served["app"]) as port:
+        assert raw(port, "POST", "/v1/completions", body)[0] == 401
+        assert raw(port, "POST", "/v1/completions", body, {"Authorization": "Bearer from-env"})[0] == 200
+
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
+
+
+def test_a_slow_chat_template_does_not_freeze_the_server(model_tok):
+    model, tok = model_tok
+    app = create_app(model, tok, NAME, chat_template=NESTED_LOOPS, template_timeout=3.0)
+    with running(app) as port:
+        replies = []
+        body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        asking = threading.Thread(target=lambda: replies.append(raw(port, "POST", "/v1/chat/completions", body)))
+        began = time.monotonic()
+        asking.start()
+        health = []
+        while asking.is_alive() and time.monotonic() - began < 30:
+            t = time.monotonic()
+            status, reply = raw(port, "GET", "/health")
+            health.append((status, time.monotonic() - t))
+            time.sleep(0.05)
+        asking.join()
+        took = time.monotonic() - began
+        status, reply = replies[0]
+        assert status == 400 and "took longer than 3 s" in reply["error"]["message"], reply
+        assert reply["error"]["param"] == "messages" and took < 15  # stopped at its limit (10^10 steps otherwise)
+        assert len(health) >= 5 and all(s == 200 for s, _ in health)  # /health answered all along
+        assert max(t for _, t in health) < 1.0, health
+        assert client(port).completions.create(model=NAME, prompt="1:", max_tokens=2).choices  # still serving
+
+
+def test_generate_cli_ends_its_line_when_interrupted(tiny_run, capsys, monkeypatch):
+    from conftest import run_cli
+
+    import lmforge.inference.engine as engine
+
+    def interrupted(*a, **kw):
+        yield " a piece"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "generate_stream", interrupted)
+    code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "1: the")
+    assert code == 130 and out == "1: the a piece\n" and "interrupted" in err

@@ -27,7 +27,8 @@ def test_no_unknown_token(small_tokenizer):
 
 
 def test_end_of_text_is_special(small_tokenizer):
-    assert small_tokenizer.encode(EOT) == [small_tokenizer.eos_id]
+    assert small_tokenizer.encode(EOT, allow_special=True) == [small_tokenizer.eos_id]
+    assert small_tokenizer.eos_id not in small_tokenizer.encode(EOT)  # text from users is text
 
 
 def test_extra_specials_and_saved_file_loads_in_tokenizers(tmp_path):
@@ -37,7 +38,7 @@ def test_extra_specials_and_saved_file_loads_in_tokenizers(tmp_path):
     hf = tokenizers.Tokenizer.from_file(str(path))
     assert hf.encode("hello world").ids == tok.encode("hello world")
     again = Tokenizer.from_file(path)
-    assert again.encode("<|pad|>") == [again.hf.token_to_id("<|pad|>")]
+    assert again.encode("<|pad|>", allow_special=True) == [again.hf.token_to_id("<|pad|>")]
     assert again.eos_id == tok.eos_id
 
 

@@ -36,12 +36,13 @@ def small_config(**train_kw) -> Config:
 
 
 def test_learns_structured_text(tmp_path, corpus_dir):
+    lines = []
     result = train(
         small_config(max_steps=150),
         tmp_path / "run",
         data=corpus_dir,
         cache_root=tmp_path / "cache",
-        log=lambda *_: None,
+        log=lines.append,
     )
     shard_dir = next((tmp_path / "cache").glob("data-*"))
     entropy = unigram_entropy(np.asarray(read_shard(shard_dir / "train_0000.bin"), dtype=np.int64))
@@ -50,6 +51,10 @@ def test_learns_structured_text(tmp_path, corpus_dir):
     assert result.final["val_bpb"] < 1.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] > records[-2]["loss"]
+    # next-token accuracy (issue 17): far above chance (1 / 320) on this grammar, and on the eval line
+    assert 0.3 < result.final["val_acc"] <= result.final["val_top5"] <= 1, result.final
+    (eval_line,) = [line for line in lines if line.startswith("eval step 150")]
+    assert f"top-1 {100 * result.final['val_acc']:.1f}%" in eval_line and "top-5" in eval_line
 
 
 def test_resume_continues_exactly(tmp_path, corpus_dir):

@@ -5,4 +5,5 @@ tokenizer.py  byte-level BPE (Hugging Face `tokenizers`), streaming decode that 
 shards.py     the llm.c shard format and `TokenData`, the random-window batch loader
 prepare.py    corpus -> tokenizer + train/val shards (`prepare`, and `ensure_data` with its cache)
 pairs.py      (source, target) pairs for seq2seq: files, built-in demos, tokenising, batches
+chat.py       chat templates: the run's Jinja template or the plain one, messages -> prompt text
 """

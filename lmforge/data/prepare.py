@@ -51,12 +51,16 @@ def prepare(
     shard_tokens: int = 100_000_000,
     batch_chars: int = 4_000_000,
     progress: bool = True,
+    allow_special: bool = False,
 ) -> PrepareStats:
     """Tokenise a corpus into train/val shards under out_dir, streaming with bounded memory.
 
     Text is cut into pieces (whole small documents; long ones split at line breaks); every
     `round(1/val_fraction)`-th piece goes to validation, so the split is deterministic and
-    even a single-file corpus gets a validation set. Pieces are tokenised in parallel batches.
+    even a single-file corpus gets a validation set. Pieces are tokenised in parallel batches of about
+    `batch_chars` characters. Documents are separated by one end-of-text id, which we add; text in them that
+    looks like a special token ("<|endoftext|>") is encoded as ordinary text unless allow_special.
+    Raises LmforgeError when the corpus holds no usable text.
     """
     out_dir = Path(out_dir)
     files = discover(spec)
@@ -68,76 +72,23 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in shard_paths(out_dir, "train") + shard_paths(out_dir, "val"):
         old.unlink()
-    writers: dict[str, ShardWriter | None] = {"train": None, "val": None}
-    shard_index = {"train": 0, "val": 0}
-    vocab = tokenizer.vocab_size
-    eos = tokenizer.eos_id
-
-    def emit(split: str, ids: list[int]):
-        w = writers[split]
-        if w is None:
-            w = writers[split] = ShardWriter(out_dir / f"{split}_{shard_index[split]:04d}.bin", vocab)
-        w.write(ids)
-        if w.count >= shard_tokens:
-            w.close()
-            writers[split] = None
-            shard_index[split] += 1
-
+    writers = _SplitWriters(out_dir, tokenizer.vocab_size, shard_tokens)
     bar = _progress_bar(total_bytes, progress)
-    piece_no = 0
-    batch: list[tuple[str, str, bool]] = []  # (split, text, ends_document)
-    batch_size = 0
-
-    def flush():
-        nonlocal batch, batch_size
-        if not batch:
-            return
-        encoded = tokenizer.encode_batch([t for _, t, _ in batch])
-        for (split, _, ends_doc), ids in zip(batch, encoded):
-            if ends_doc:
-                ids = ids + [eos]
-            emit(split, ids)
-            if split == "train":
-                stats.train_tokens += len(ids)
-            else:
-                stats.val_tokens += len(ids)
-        bar(sum(len(t) for _, t, _ in batch))
-        batch, batch_size = [], 0
-
+    documents = _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS)
     try:
-        for doc in _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS):
-            stats.documents += 1
-            pending = None  # hold one piece back to know which is the document's last
-            for text in doc:
-                stats.bytes += len(text.encode("utf-8", "surrogatepass"))
-                for piece in _chunks(text, chunk_chars):
-                    if pending is not None:
-                        batch.append((pending[0], pending[1], False))
-                        batch_size += len(pending[1])
-                    pending = ("val" if piece_no % every == every // 2 else "train", piece)
-                    piece_no += 1
-                if batch_size >= batch_chars:
-                    flush()
-            if pending is not None:
-                batch.append((pending[0], pending[1], True))
-                batch_size += len(pending[1])
-            else:
-                stats.documents -= 1
-            if batch_size >= batch_chars:
-                flush()
-        flush()
+        for batch in _batches(_pieces(documents, chunk_chars, every, stats), batch_chars):
+            encoded = tokenizer.encode_batch([text for _, text, _ in batch], allow_special=allow_special)
+            for (split, _, ends_doc), ids in zip(batch, encoded):
+                ids = ids + [tokenizer.eos_id] if ends_doc else ids
+                writers.write(split, ids)
+                stats.train_tokens += len(ids) if split == "train" else 0
+                stats.val_tokens += len(ids) if split == "val" else 0
+            bar(sum(len(text) for _, text, _ in batch))
         if stats.documents == 0:
             raise LmforgeError(f"no usable text in {spec if spec is not None else 'the default corpus'}")
-        for split in ("train", "val"):
-            if writers[split] is None and shard_index[split] == 0:
-                writers[split] = ShardWriter(out_dir / f"{split}_0000.bin", vocab)
-            if writers[split] is not None:
-                writers[split].close()
-                writers[split] = None
+        writers.close()
     except BaseException:
-        for w in writers.values():
-            if w is not None:
-                w.abort()
+        writers.abort()
         raise
     finally:
         bar(None)
@@ -145,6 +96,74 @@ def prepare(
     if skipped.files:
         print(f"warning: skipped {skipped.files} file(s) that are binary or not valid UTF-8", file=sys.stderr)
     return stats
+
+
+def _pieces(documents, chunk_chars: int, every: int, stats: PrepareStats):
+    """(split, text, ends_document) for every piece of every document, in corpus order.
+
+    Piece n goes to validation when n % every == every // 2. One piece is held back so that the last
+    piece of a document is known (it gets the end-of-text token); empty documents are not counted."""
+    piece_no = 0
+    for doc in documents:
+        pending = None
+        for text in doc:
+            stats.bytes += len(text.encode("utf-8", "surrogatepass"))
+            for piece in _chunks(text, chunk_chars):
+                if pending is not None:
+                    yield pending[0], pending[1], False
+                pending = ("val" if piece_no % every == every // 2 else "train", piece)
+                piece_no += 1
+        if pending is not None:
+            stats.documents += 1
+            yield pending[0], pending[1], True
+
+
+def _batches(pieces, batch_chars: int):
+    """Group pieces into lists of about batch_chars characters (the unit of parallel tokenisation)."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[1])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _SplitWriters:
+    """One rolling `ShardWriter` per split: `{split}_0000.bin`, `{split}_0001.bin`, ... of at most shard_tokens each.
+
+    `close()` finishes the open shards (every split gets at least an empty `_0000` shard); `abort()` removes
+    the shard being written, so an interrupted prepare never leaves a half-written file that looks complete."""
+
+    def __init__(self, out_dir: Path, vocab_size: int, shard_tokens: int):
+        self.out_dir, self.vocab_size, self.shard_tokens = out_dir, vocab_size, shard_tokens
+        self.open: dict[str, ShardWriter | None] = {"train": None, "val": None}
+        self.index = {"train": 0, "val": 0}
+
+    def write(self, split: str, ids: list[int]) -> None:
+        if self.open[split] is None:
+            self.open[split] = ShardWriter(self.out_dir / f"{split}_{self.index[split]:04d}.bin", self.vocab_size)
+        w = self.open[split]
+        w.write(ids)
+        if w.count >= self.shard_tokens:
+            w.close()
+            self.open[split] = None
+            self.index[split] += 1
+
+    def close(self) -> None:
+        for split in ("train", "val"):
+            if self.open[split] is None and self.index[split] == 0:
+                self.open[split] = ShardWriter(self.out_dir / f"{split}_0000.bin", self.vocab_size)
+            if self.open[split] is not None:
+                self.open[split].close()
+                self.open[split] = None
+
+    def abort(self) -> None:
+        for w in self.open.values():
+            if w is not None:
+                w.abort()
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -184,7 +203,8 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
             raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
         return Path(spec), Tokenizer.from_file(tok_path)
     files = discover(spec)
-    key_parts = [corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 1]
+    # version 2: special-token text in documents is encoded as text (version 1 turned it into control tokens)
+    key_parts = [corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 2]
     if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
         key_parts.append("split_digits")
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]

@@ -118,6 +118,7 @@ class TokenData:
     """All shards of one split, memory-mapped, sampled as random windows of seq_len + 1 tokens."""
 
     def __init__(self, directory: str | Path, split: str):
+        self.directory, self.split = Path(directory), split
         paths = shard_paths(directory, split)
         if not paths:
             raise LmforgeError(f"no {split} shards in {directory} (run 'lmforge prepare' first)")
@@ -126,14 +127,22 @@ class TokenData:
         self.total = int(self.lengths.sum())
 
     def check(self, seq_len: int, vocab_size: int | None = None) -> None:
+        """LmforgeError unless a window of seq_len + 1 tokens fits in a shard (and every id is below vocab_size)."""
         if max(self.lengths) < seq_len + 1:
             raise LmforgeError(
                 f"not enough tokens: the largest shard has {max(self.lengths)}, a window needs {seq_len + 1}"
             )
         if vocab_size is not None:
-            top = max(int(s.max()) for s in self.shards if len(s))
-            if top >= vocab_size:
-                raise LmforgeError(f"shard token id {top} is outside the model vocabulary ({vocab_size})")
+            self.check_vocab(vocab_size)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """LmforgeError (one line) when a token id of this split is not below vocab_size."""
+        tops = [int(s.max()) for s in self.shards if len(s)]
+        if tops and max(tops) >= vocab_size:
+            raise LmforgeError(
+                f"{self.split} shard token id {max(tops)} in {self.directory} is outside the model vocabulary "
+                f"({vocab_size})"
+            )
 
     def batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator, rank: int = 0, world: int = 1

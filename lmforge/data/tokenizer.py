@@ -8,6 +8,7 @@ reads ours and we read theirs (for example a Hugging Face GPT-2 or Llama tokeniz
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class Tokenizer:
             raise LmforgeError("tokenizer has no end-of-text token (looked for " + ", ".join(_EOS_CANDIDATES) + ")")
         self.eos_token = eos_token
         self.eos_id = vocab[eos_token]
+        hf.encode_special_tokens = True  # text from users is text: encode() splits "<|endoftext|>" like any text
 
     # --- construction -----------------------------------------------------------------------------
 
@@ -87,12 +89,23 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of text. Text is text: special-token look-alikes such as "<|endoftext|>" in it are
+        encoded as ordinary characters, unless allow_special, which makes them the control tokens.
+        Raises LmforgeError for text that is not valid Unicode (a lone surrogate such as "\\ud800")."""
+        try:
+            return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode
+            _refuse_surrogates([text])
+            raise
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once, in parallel over all cores (Rust threads)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """Encode many texts at once, in parallel over all cores (Rust threads); allow_special as in encode."""
+        try:
+            return [e.ids for e in self._encoder(allow_special).encode_batch(texts, add_special_tokens=False)]
+        except TypeError:  # the Rust side takes only valid Unicode
+            _refuse_surrogates(texts)
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -127,6 +140,63 @@ class Tokenizer:
         if piece:
             yield piece
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token_id adds to decoded text (anywhere but at the very start of a text).
+
+        Byte-level BPE: its raw bytes (possibly part of a character); byte_fallback `<0xNN>`: that
+        one byte; a SentencePiece-style `▁word` piece: b" word"; an added or special token: its text.
+        The generation engine decodes new text from these bytes, so joined over the tokens of a
+        completion they are its text's UTF-8. (A decoder that drops the first space of a whole text,
+        as Llama's does, makes decode(ids) one space shorter than the joined bytes.)
+        """
+        cache = self.__dict__.setdefault("_token_bytes_cache", {})
+        b = cache.get(token_id)
+        if b is None:
+            b = cache[token_id] = self._token_bytes(token_id)
+        return b
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.id_to_token(token_id)
+        if piece is None:
+            return b""
+        added = self.hf.get_added_tokens_decoder().get(token_id)
+        if added is not None:
+            return added.content.encode("utf-8")
+        if "ByteLevel" in str(self.hf.decoder):  # one character per byte (GPT-2's printable byte alphabet)
+            alphabet = _byte_level_alphabet()
+            if all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        if (
+            len(piece) == 6
+            and piece.startswith("<0x")
+            and piece.endswith(">")
+            and getattr(self.hf.model, "byte_fallback", False)
+        ):
+            return bytes([int(piece[3:5], 16)])
+        # Anything else: what the token adds after an anchor (the end-of-text token), so a decoder
+        # that strips the first space of a text strips it from the anchor's side, not this token's.
+        anchor = self.decode([self.eos_id])
+        return self.decode([self.eos_id, token_id])[len(anchor) :].encode("utf-8")
+
+    def _encoder(self, allow_special: bool) -> _HFTokenizer:
+        """The `tokenizers` engine that reads special-token text as text (self.hf, once set so) or as control tokens."""
+        if not allow_special:
+            return self.hf
+        parsing = self.__dict__.get("_special_parsing")
+        if parsing is None:
+            parsing = self.__dict__["_special_parsing"] = _HFTokenizer.from_str(self.hf.to_str())
+        return parsing
+
+
+def _refuse_surrogates(texts: list[str]) -> None:
+    """LmforgeError naming the first lone UTF-16 surrogate in texts (valid JSON can carry one, as "\\ud800")."""
+    for text in texts:
+        if not isinstance(text, str):
+            return
+        for i, c in enumerate(text):
+            if "\ud800" <= c <= "\udfff":
+                raise LmforgeError(f"text is not valid Unicode: a lone surrogate U+{ord(c):04X} at character {i}")
+
 
 class StreamDecoder:
     """Token ids in, one at a time; text out, holding back the bytes of an unfinished character.
@@ -159,3 +229,12 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return text[len(before) :]
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet as {character: byte}: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes for the characters U+0100, U+0101, ... in byte order (Radford et al. 2019, encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}

@@ -1,19 +1,74 @@
-"""Loss, perplexity and bits per byte: on fixed validation windows of shards (training), and on any text
-(`lmforge eval`)."""
+"""How well a language model predicts text: loss, perplexity, bits per byte, top-1 and top-5 accuracy.
+
+    TokenScores      running sums over predicted tokens (nats, count, top-1 / top-5 hits, bytes), filled
+                     from each batch's logits in the same pass as the loss; every metric is a ratio of sums
+    evaluate         fixed validation windows of shards (training's validation: val_loss, val_ppl, val_bpb,
+                     val_acc, val_top5)
+    evaluate_text    consecutive context-sized windows of any text (`lmforge eval`)
+
+Positions whose target is IGNORE are left out of every metric alike.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..data import corpus
+from ..data.pairs import IGNORE
 from ..data.shards import TokenData
 from ..errors import LmforgeError
 from ..models import moe
-from ..models.loss import lm_loss
+from ..models.loss import token_cross_entropy
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, ...]:
+    """(nats, predicted, top-1 hits, top-k hits) of logits (..., V) against targets (...), as scalar tensors.
+
+    nats is the summed cross-entropy over predicted positions (targets != IGNORE); a hit is a predicted position
+    whose target is the argmax (top-1) or among the k largest logits (ties broken as torch.topk breaks them).
+    """
+    logits = logits.float().reshape(-1, logits.size(-1))  # (N, V)
+    targets = targets.reshape(-1)  # (N,)
+    scored = targets != IGNORE
+    nats = token_cross_entropy(logits, targets, "sum")
+    top = logits.topk(min(k, logits.size(-1)), dim=-1).indices  # (N, k), most likely first
+    hit = (top == targets.clamp(min=0)[:, None]) & scored[:, None]  # (N, k); IGNORE rows never hit
+    return nats, scored.sum(), hit[:, 0].sum(), hit.any(-1).sum()
+
+
+@dataclass
+class TokenScores:
+    """Sums over the predicted tokens of several batches; the metrics are ratios of these sums (never a mean of
+    per-batch means). `bytes` is the UTF-8 length of the predicted tokens, for bits per byte."""
+
+    nats: float = 0.0
+    tokens: int = 0
+    top1: int = 0
+    top5: int = 0
+    bytes: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor | None = None) -> None:
+        """Score one batch: logits (B, T, V), targets (B, T) with IGNORE where nothing is predicted."""
+        nats, n, top1, top5 = torch.stack([t.double() for t in token_scores(logits, targets)]).tolist()  # one sync
+        self.nats += nats
+        self.tokens, self.top1, self.top5 = self.tokens + int(n), self.top1 + int(top1), self.top5 + int(top5)
+        if byte_lengths is not None:
+            t = targets[targets != IGNORE].cpu()
+            self.bytes += int(byte_lengths[t.clamp(max=len(byte_lengths) - 1)].sum())
+
+    def metrics(self, prefix: str = "") -> dict:
+        """{loss, ppl, bpb (when bytes were counted), acc, top5}, keys prefixed (e.g. "val_")."""
+        loss = self.nats / self.tokens
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50))}
+        if self.bytes:
+            out["bpb"] = self.nats / math.log(2) / self.bytes
+        out.update(acc=self.top1 / self.tokens, top5=self.top5 / self.tokens)
+        return {prefix + k: v for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -27,26 +82,22 @@ def evaluate(
     device,
     autocast=contextlib.nullcontext,
 ) -> dict:
-    """Mean loss, perplexity and bits per byte on fixed windows (same windows at every call)."""
+    """Validation metrics on fixed windows (the same windows at every call), keys prefixed "val_": loss (nats per
+    token), ppl, bpb (when byte_lengths (V,) gives each token's UTF-8 length), acc and top5 (next-token accuracy)."""
     was_training = model.training
     model.eval()
     seq_len = min(seq_len, int(max(data.lengths)) - 1)
     gen = torch.Generator().manual_seed(1234)
-    nats, count, nbytes = 0.0, 0, 0
+    scores = TokenScores()
     moe.routing_stats(model, training=False)  # MoE layers: count the routing of these batches only
     for _ in range(batches):
         x, y = data.batch(batch_size, seq_len, gen)
         x, y = x.to(device), y.to(device)
         with autocast():
-            nats += lm_loss(model, x, y, reduction="sum").item()
-        count += y.numel()
-        if byte_lengths is not None:
-            nbytes += int(byte_lengths[y.cpu()].sum())
+            logits = model(x)  # (B, T, V)
+        scores.add(logits, y, byte_lengths)
     model.train(was_training)
-    loss = nats / count
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-    if nbytes:
-        out["val_bpb"] = nats / math.log(2) / nbytes
+    out = scores.metrics("val_")
     if routing := moe.routing_stats(model, training=False):
         out["val_moe_routing"] = routing
     return out
@@ -54,9 +105,11 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_size: int = 8) -> dict:
-    """Score the documents of `spec` in consecutive windows of the model's context (each window predicts its tokens)."""
+    """Score the documents of `spec` in consecutive windows of the model's context (each window predicts its tokens).
+
+    Returns {tokens (predicted), loss (nats per token), perplexity, bits_per_byte, acc, top5 (next-token top-1 /
+    top-5 accuracy, fractions)}; raises LmforgeError when the text has fewer than 2 tokens."""
     ids: list[int] = []
-    nbytes = 0
     for doc in corpus.corpus_documents(spec):
         doc_ids = tokenizer.encode(doc) + [tokenizer.eos_id]
         ids.extend(doc_ids)
@@ -70,32 +123,28 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
     device = next(model.parameters()).device
     tokens = torch.tensor(ids)
     n_windows = math.ceil((len(ids) - 1) / T)
-    nats, count = 0.0, 0
+    scores = TokenScores()
     starts = list(range(0, n_windows * T, T))
     model.eval()
     moe.routing_stats(model, training=False)  # MoE layers: count the routing of these windows only
     for i in range(0, len(starts), batch_size):
         xs, ys = [], []
         for s in starts[i : i + batch_size]:
-            x = tokens[s : s + T]
             y = tokens[s + 1 : s + T + 1]
-            x = x[: len(y)]
-            xs.append(x)
+            xs.append(tokens[s : s + len(y)])
             ys.append(y)
-        width = max(len(x) for x in xs)
-        X = torch.stack([F.pad(x, (0, width - len(x))) for x in xs]).to(device)
-        Y = torch.stack([F.pad(y, (0, width - len(y)), value=-100) for y in ys]).to(device)
-        logits = model(X).float()
-        nats += F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1), ignore_index=-100, reduction="sum").item()
-        count += int((Y != -100).sum())
-    targets = tokens[1 : count + 1]
-    nbytes = int(lengths[targets.clamp(max=len(lengths) - 1)].sum())
-    loss = nats / count
+        width = max(len(x) for x in xs)  # the last window may be short: pad it, predicting nothing there
+        X = torch.stack([F.pad(x, (0, width - len(x))) for x in xs]).to(device)  # (B, T)
+        Y = torch.stack([F.pad(y, (0, width - len(y)), value=IGNORE) for y in ys]).to(device)
+        scores.add(model(X), Y, lengths)
+    m = scores.metrics()
     out = {
-        "tokens": count,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50)),
-        "bits_per_byte": nats / math.log(2) / max(1, nbytes),
+        "tokens": scores.tokens,
+        "loss": m["loss"],
+        "perplexity": m["ppl"],
+        "bits_per_byte": scores.nats / math.log(2) / max(1, scores.bytes),
+        "acc": m["acc"],
+        "top5": m["top5"],
     }
     if routing := moe.routing_stats(model, training=False):
         out["moe_routing"] = routing

@@ -12,6 +12,8 @@ from ..io import atomic_path
 PANELS = [
     ("loss", "training loss", "loss"),
     ("val_loss", "validation loss", "val_loss"),
+    ("val_acc", "validation next-token accuracy (top-1)", "val_acc"),
+    ("val_top5", "validation next-token accuracy (top-5)", "val_top5"),
     ("lr", "learning rate", "lr"),
     ("tokens_per_s", "tokens / s", "tokens_per_s"),
     ("mfu", "model FLOPs utilisation", "mfu"),
@@ -25,9 +27,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except ValueError:
             continue  # a line cut short by a crash
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 

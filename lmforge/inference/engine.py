@@ -5,7 +5,9 @@ arrive together are left-padded to one length and prefilled in one forward pass;
 decode step feeds one token per row, whatever each row's length. Rows finish on their own (end of
 text, a stop string, their token limit) and new ones join between steps, which is what the HTTP
 server's dynamic batching is built on. Per step, the only device->host transfer is the sampled ids
-(plus log-probabilities when a request asks for them).
+(plus log-probabilities when a request asks for them). New text is the UTF-8 decoding of the new
+tokens' bytes (`Tokenizer.token_bytes`), a character at a time; ids past the tokenizer's vocabulary
+(the model's is rounded up) are never sampled.
 
     generate / generate_stream / generate_tokens   one prompt (the CLI, the training samples)
     generate_batch                                 many prompts at once
@@ -14,6 +16,7 @@ server's dynamic batching is built on. Per step, the only device->host transfer 
 
 from __future__ import annotations
 
+import codecs
 import random
 import sys
 from collections.abc import Iterable, Iterator
@@ -74,13 +77,37 @@ class _Row:
         self.params = req.params
         self.max_new = max_new
         self.tokens: list[int] = []
-        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self.decoder = _text_decoder(tokenizer) if tokenizer is not None else None
         self.text = ""
         self.sent = 0  # characters of text already handed out
         self.finish_reason: str | None = None
         self.rng = random.Random(self.params.seed) if self.params.seed is not None else random.Random()
         self.pending_logprobs: list[TokenLogprob] = []
         self.new_tokens: list[int] = []
+
+
+class _BytesDecoder:
+    """Token ids in, text out: the UTF-8 decoding of the tokens' bytes, holding back an unfinished character.
+
+    Text is exactly what the bytes say (`Tokenizer.token_bytes`), so a completion's text is its tokens'
+    joined bytes decoded (invalid sequences become U+FFFD as bytes.decode(errors="replace") does), and a
+    SentencePiece-style first token keeps its space after the prompt.
+    """
+
+    def __init__(self, tokenizer):
+        self.token_bytes = tokenizer.token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+def _text_decoder(tokenizer):
+    """The bytes decoder when the tokenizer can say each token's bytes, else its own stream decoder."""
+    return _BytesDecoder(tokenizer) if hasattr(tokenizer, "token_bytes") else tokenizer.stream_decoder()
 
 
 class Engine:
@@ -108,7 +135,10 @@ class Engine:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.device = self.cache.k[0].device
         self.vocab = model.config.vocab_size
+        # ids past the tokenizer's vocabulary (the model's is rounded up to a multiple of 64) are never text
+        self.n_tokens = min(self.vocab, tokenizer.vocab_size) if tokenizer is not None else self.vocab
         self.rows: list[_Row] = []
+        self._padding_ids = torch.arange(self.n_tokens, self.vocab, device=self.device)
         self.next_ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)  # the token each row feeds next
         # per-row sampling settings, on the device, in the rows' order
         self._settings = {
@@ -134,9 +164,7 @@ class Engine:
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = (
-                    True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
-                )
+                inductor_config.freezing = True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
             self._compiled = torch.compile(model, dynamic=False)
 
     # --- admission ------------------------------------------------------------------------------
@@ -229,6 +257,8 @@ class Engine:
     def _sample_and_emit(self, logits: torch.Tensor, lo: int, hi: int) -> list[Output]:
         rows = self.rows[lo:hi]
         s = {name: t[lo:hi] for name, t in self._settings.items()}
+        if self.n_tokens < self.vocab:  # never sample (or list in logprobs) an id the tokenizer cannot decode
+            logits = logits.float().index_fill(-1, self._padding_ids, float("-inf"))
         raw = logits
         if self._counts is not None and any(r.params.penalised for r in rows):
             logits = apply_penalties(
@@ -388,7 +418,10 @@ def generate_batch(
     max_batch: int = 64,
     compile: bool = False,
 ) -> list[Completion]:
-    """Complete many prompts (texts or token id lists) together; one Completion per prompt, in order."""
+    """Complete many prompts (texts or token id lists) together; one Completion per prompt, in order.
+
+    A Completion's text is the new text only (not the prompt), as generate_stream yields it.
+    """
     if not prompts:
         return []
     params = params if params is not None else SamplingParams()
@@ -474,7 +507,7 @@ def generate_stream(
     compile: bool = False,
     **extra,
 ) -> Iterator[str]:
-    """Yield text pieces as they are generated (never splitting a character).
+    """Yield the new text (not the prompt) in pieces as it is generated, never splitting a character.
 
     compile: torch.compile the decode step (the cache then spans the whole context, so every
     prompt reuses one compiled step). extra: the other SamplingParams fields (min_p,
@@ -504,7 +537,11 @@ def generate(
     seed: int | None = None,
     **extra,
 ) -> str:
-    """The prompt followed by its generated continuation, as text."""
+    """The prompt followed by its generated continuation, as text (prompt + completion).
+
+    Unlike generate_stream and generate_batch, which give only the new text, the result starts
+    with the prompt, so it reads as the whole passage (kept so since the first release).
+    """
     return prompt + "".join(
         generate_stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, **extra)
     )

@@ -1,16 +1,28 @@
 """Linear layers prepared for fast CPU inference, swapped into a model in place.
 
 Decoding one token reads every weight once, so on a CPU its speed is set by how fast the
-matrix-vector products stream weights from memory. Measured on a 2-core AVX-512 machine
-(benchmarks/decode_speed.py), `nn.Linear` (MKL) reaches about half the memory bandwidth at
-batch 1; the same weights reordered once into oneDNN's blocked layout (what torch.compile's CPU
-path does after freezing) reach the bandwidth limit. Options:
+matrix-vector products stream weights from memory, and which kernel streams fastest depends on
+the CPU (benchmarks/decode_speed.py and benchmarks/RESULTS.md). So each --quantize option has
+several kernels, a weight layout plus the operation that multiplies by it, and the model gets
+the best one this CPU can run:
 
-    none          fp32, oneDNN-packed (layers of at least PACK_MIN_WEIGHTS): same results up to float rounding
-    bf16          weights and matrix products in bfloat16 (activations stay fp32 between layers)
-    int8          weight-only int8: one scale per output channel, activations stay fp32
-    int8-dynamic  int8 weights, and activations rounded to int8 per call (fbgemm): fastest, least exact
-                  (built on PyTorch's quantized tensors, which PyTorch has deprecated)
+    option        kernels, in order of preference       what changes
+    none          onednn, transposed, linear            nothing but the layout: fp32, same results up to rounding
+    bf16          bf16-onednn, bf16-transposed,          weights and products in bfloat16 (activations stay fp32
+                  bf16-linear                            between layers)
+    int8          int8                                   weight-only int8, one scale per output channel
+    int8-dynamic  int8-dynamic                           int8 weights, activations rounded to int8 per call (PyTorch's
+                                                         quantized ops, which PyTorch has deprecated): least exact
+
+    onednn        W reordered once into oneDNN's blocked layout (what torch.compile's CPU path does after freezing);
+                  bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: AVX2-only CPUs cannot run it
+    transposed    W^T kept as an (in, out) matrix, y = x @ W^T: a matrix-vector product that streams W row by row
+    linear        the usual (out, in) layout through F.linear
+
+Choosing a kernel (`choose_kernel`): a kernel is available when a trial on a tiny layer runs and
+agrees with F.linear (`kernel_available`, once per process), so no option ever takes a path the
+CPU cannot run: a lost kernel falls back to the next one, and an option with none left is refused
+in one line. `pack_for_inference(..., kernel=NAME)` forces one (tests and benchmarks use it).
 
 The model becomes inference-only: parameters of the swapped layers are no longer trainable
 parameters, and the state dict changes, so load a fresh model to train or save.
@@ -18,27 +30,27 @@ parameters, and the state dict changes, so load a fresh model to train or save.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import LmforgeError
 
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
-PACK_MIN_WEIGHTS = 1 << 19  # fp32 packing skips layers smaller than this (768 x 768 is packed, 192 x 576 is not)
-
-
-def _mkldnn_ok() -> bool:
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+KERNELS = {
+    "none": ("onednn", "transposed", "linear"),
+    "bf16": ("bf16-onednn", "bf16-transposed", "bf16-linear"),
+    "int8": ("int8",),
+    "int8-dynamic": ("int8-dynamic",),
+}
+PACK_MIN_WEIGHTS = 1 << 19  # fp32 layouts skip layers smaller than this (768 x 768 is repacked, 192 x 576 is not)
 
 
 class PackedLinear(nn.Module):
-    """x W^T + b with W reordered once into oneDNN's layout (fp32 or bf16)."""
+    """x W^T + b with W reordered once into oneDNN's blocked layout (fp32 or bf16)."""
 
     def __init__(self, linear: nn.Linear, dtype=torch.float32):
         super().__init__()
@@ -52,6 +64,29 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, self.bias, "none", [], "")
         return y.to(x.dtype)
+
+
+class DenseLinear(nn.Module):
+    """x W^T + b with W stored in `dtype`, either as it is (out, in) through F.linear or transposed (in, out).
+
+    Plain PyTorch ops, so every CPU runs it; bf16 weights halve the bytes each token reads.
+    """
+
+    def __init__(self, linear: nn.Linear, dtype=torch.float32, transposed: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
+        self.transposed = transposed
+        w = linear.weight.detach().to(dtype)
+        self.register_buffer("weight", w.t().contiguous() if transposed else w.contiguous())  # (in, out) or (out, in)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x):
+        h = x.to(self.dtype)
+        if not self.transposed:
+            return F.linear(h, self.weight, self.bias).to(x.dtype)
+        flat = h.reshape(-1, self.in_features)
+        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -73,54 +108,115 @@ class Int8Linear(nn.Module):
 
 
 class DynamicInt8Linear(nn.Module):
-    """int8 weights (one scale per output row) and activations quantised to int8 on the fly (fbgemm)."""
+    """int8 weights (one scale per output row) and activations quantised to int8 on the fly (fbgemm / oneDNN)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).double()
-        with warnings.catch_warnings():  # deprecated in PyTorch; the check in pack_for_inference guards their removal
+        with warnings.catch_warnings():  # deprecated in PyTorch; kernel_available guards their removal
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(
                 w, scale, torch.zeros(w.shape[0], dtype=torch.long), axis=0, dtype=torch.qint8
             )
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.packed = torch.ops.quantized.linear_prepack(q, bias)
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            self.packed = torch.ops.quantized.linear_prepack(q, bias)
 
     @torch.compiler.disable
     def forward(self, x):
         return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
 
 
-def pack_for_inference(model: nn.Module, quantize: str | None = "none") -> nn.Module:
-    """Swap the model's nn.Linear layers for faster CPU inference versions (in place); returns the model.
+# kernel -> (module built from an nn.Linear, or None to keep it; whether only layers >= PACK_MIN_WEIGHTS change)
+_FACTORIES = {
+    "onednn": (lambda lin: PackedLinear(lin, torch.float32), True),
+    "transposed": (lambda lin: DenseLinear(lin, torch.float32, transposed=True), True),
+    "linear": (None, True),
+    "bf16-onednn": (lambda lin: PackedLinear(lin, torch.bfloat16), False),
+    "bf16-transposed": (lambda lin: DenseLinear(lin, torch.bfloat16, transposed=True), False),
+    "bf16-linear": (lambda lin: DenseLinear(lin, torch.bfloat16), False),
+    "int8": (Int8Linear, False),
+    "int8-dynamic": (DynamicInt8Linear, False),
+}
+_TRIAL_TOLERANCE = {"int8-dynamic": 0.1, "int8": 0.05}  # relative error on the trial layer; bf16 0.02, fp32 1e-4
 
-    On a non-CPU device, or without oneDNN, "none" leaves the model as it is and the others are an error.
+
+@functools.cache
+def kernel_available(name: str) -> str | None:
+    """None when this CPU and PyTorch build run kernel `name` correctly, else the reason it cannot (one line).
+
+    Decided by running it once on a tiny layer and comparing with F.linear (cached for the process):
+    feature flags alone cannot say whether a kernel is compiled in, or whether a build refuses a CPU.
+    """
+    make, _ = _FACTORIES[name]
+    if make is None:
+        return None
+    if name.endswith("onednn") and not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN"
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) / 8)
+        lin.bias.copy_(torch.randn(48, generator=g) / 8)
+    x = torch.randn(3, 2, 64, generator=g)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = make(lin)
+            got, want = layer(x), lin(x)
+            one = layer(x[:1, :1])  # the decode shape: one row, one token
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    tol = _TRIAL_TOLERANCE.get(name, 0.02 if name.startswith("bf16") else 1e-4)
+    err = max(float((got - want).abs().max()), float((one - want[:1, :1]).abs().max())) / float(want.abs().max())
+    if got.shape != want.shape or not err <= tol:
+        return f"wrong results on this CPU (relative error {err:.2g})"
+    return None
+
+
+def available_kernels(quantize: str) -> list[str]:
+    """The kernels of a --quantize option that run on this CPU, in order of preference."""
+    return [k for k in KERNELS[quantize] if kernel_available(k) is None]
+
+
+def choose_kernel(quantize: str) -> str:
+    """The kernel pack_for_inference uses for an option on this CPU; LmforgeError when none can run here."""
+    if quantize not in KERNELS:
+        raise LmforgeError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE)})")
+    usable = available_kernels(quantize)
+    if not usable:
+        raise LmforgeError(f"--quantize {quantize} cannot run on this CPU: {kernel_available(KERNELS[quantize][-1])}")
+    return usable[0]
+
+
+def pack_for_inference(model: nn.Module, quantize: str | None = "none", kernel: str | None = None) -> nn.Module:
+    """Swap the model's fp32 nn.Linear layers for the chosen CPU inference kernel (in place); returns the model.
+
+    quantize: one of QUANTIZE (None = "none"). kernel: force one of KERNELS[quantize] instead of the
+    best available one. A model not on the CPU is left as it is for "none"; the other options are an
+    error there, as is a forced kernel this CPU cannot run (LmforgeError, one line).
     """
     quantize = quantize or "none"
     if quantize not in QUANTIZE:
         raise LmforgeError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE)})")
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if not on_cpu or not _mkldnn_ok():
-        if quantize == "none":
+    if kernel is not None and kernel not in KERNELS[quantize]:
+        raise LmforgeError(f"kernel {kernel!r} is not one of --quantize {quantize}'s: {', '.join(KERNELS[quantize])}")
+    if not all(p.device.type == "cpu" for p in model.parameters()):
+        if quantize == "none" and kernel is None:
             return model
         raise LmforgeError(
             f"--quantize {quantize} is for CPU inference (this model is on {next(model.parameters()).device})"
         )
-    if quantize == "int8" and not hasattr(torch, "_weight_int8pack_mm"):
-        raise LmforgeError("this PyTorch build has no int8 weight-only matmul (torch._weight_int8pack_mm)")
-    if quantize == "int8-dynamic" and not (
-        hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "quantize_per_channel")
-    ):
-        raise LmforgeError("this PyTorch build has no dynamic int8 matmul (torch.ops.quantized.linear_dynamic)")
-    make = {
-        "none": lambda lin: PackedLinear(lin, torch.float32),
-        "bf16": lambda lin: PackedLinear(lin, torch.bfloat16),
-        "int8": Int8Linear,
-        "int8-dynamic": DynamicInt8Linear,
-    }[quantize]
-    # Packing pays off when a layer streams its weights from memory; a small one that stays in cache is faster as it is.
-    smallest = PACK_MIN_WEIGHTS if quantize == "none" else 0
+    if kernel is None:
+        kernel = choose_kernel(quantize)
+    elif (why := kernel_available(kernel)) is not None:
+        raise LmforgeError(f"kernel {kernel} cannot run on this CPU: {why}")
+    make, big_only = _FACTORIES[kernel]
+    model.eval()
+    if make is None:
+        return model
+    # A small layer that stays in cache gains nothing from a new fp32 layout; reduced precision always pays.
+    smallest = PACK_MIN_WEIGHTS if big_only else 0
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -130,5 +226,4 @@ def pack_for_inference(model: nn.Module, quantize: str | None = "none") -> nn.Mo
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, make(child))
-    model.eval()
     return model

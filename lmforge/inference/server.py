@@ -1,27 +1,20 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batched generation engine.
 
     POST /v1/completions        text completion (stream: true -> server-sent events)
-    POST /v1/chat/completions   chat, through the run's chat template or the plain one below
+    POST /v1/chat/completions   chat, through the run's chat template or the plain one (lmforge.data.chat)
     GET  /v1/models             the one model served
     GET  /health                liveness and load
     GET  /openapi.json, /docs   the API schema
 
-One background thread owns the model and runs the decode loop: requests wait in a queue, join the
-running batch between decode steps (prompts that arrive together are prefilled together), and
-leave it when they finish or their client goes away. The HTTP side only validates, queues and
-streams, so the event loop never waits for the model.
+One background thread owns the model and runs the decode loop (`Worker`): requests wait in a queue,
+join the running batch between decode steps (prompts that arrive together are prefilled together),
+and leave it when they finish or their client goes away. The HTTP side (`Service`) only validates,
+queues and streams, so the event loop never waits for the model:
 
-Chat template for base models (used when the run has no template of its own):
+    request body --openai_api--> prompts, SamplingParams --Service.submit--> Job (rows) --Worker--> Engine
+    Engine Outputs --Job.outputs queue--> Service.collect (whole response) or Service.stream (SSE chunks)
 
-    System: {system message}
-    User: {user message}
-    Assistant: {assistant message}
-    ...
-    Assistant:
-
-with "\\nUser:" and "\\nSystem:" as stop strings, so the model's answer ends where it would start
-the user's next turn. A run directory with a Hugging Face `tokenizer_config.json` holding a
-`chat_template` (or a `chat_template.jinja` file) uses that template instead.
+The OpenAI wire format (bodies, choices, chunks, usage, logprobs, errors) lives in `openai_api.py`.
 """
 
 from __future__ import annotations
@@ -34,150 +27,41 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Literal, Union
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.chat import encode_chat, load_chat_template
 from ..errors import LmforgeError
-from .engine import Engine, Output, Request, TokenLogprob
-from .sampling import SamplingParams
+from .engine import Engine, Output, Request
+from .openai_api import (
+    COMPLETION_MAX_TOKENS,
+    APIError,
+    ChatFormat,
+    ChatRequest,
+    CompletionFormat,
+    CompletionRequest,
+    ResponseFormat,
+    RowResult,
+    TokenStrings,
+    chat_logprobs_setting,
+    chat_messages,
+    check_prompt_ids,
+    completion_prompts,
+    error_body,
+    sampling_params,
+    validation_error,
+)
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes
-PLAIN_CHAT_STOP = ["\nUser:", "\nSystem:"]
-
-
-# --- errors ---------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+DEFAULT_TEMPLATE_TIMEOUT = 2.0  # seconds a chat template may take to render one request's messages
 
 
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
-
-
-# --- request bodies -------------------------------------------------------------------------------
-
-
-class _Body(BaseModel):
-    # Strict: "5" is not an int and true is not a number, as in OpenAI's API; unknown fields are ignored.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="extension: keep the k most likely tokens (0 or -1 = off)")
-    min_p: float | None = Field(
-        None, ge=0, le=1, description="extension: drop tokens below min_p x the top probability"
-    )
-    repetition_penalty: float | None = Field(
-        None, gt=0, description="extension: CTRL-style penalty on tokens seen before"
-    )
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = Field(False, description="extension: keep generating past end-of-text")
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class ContentPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-# --- chat templates -------------------------------------------------------------------------------
-
-
-def load_chat_template(run_dir: str | Path | None) -> str | None:
-    """The run's own chat template (Hugging Face conventions), or None for the plain one."""
-    if run_dir is None:
-        return None
-    run_dir = Path(run_dir)
-    jinja = run_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = run_dir / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise LmforgeError(f"cannot read {cfg}: {e}") from None
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next(
-                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
-            )
-        return template if isinstance(template, str) else None
-    return None
-
-
-def render_chat(messages: list[dict], template: str | None, tokenizer) -> tuple[str, list[str]]:
-    """(prompt text, extra stop strings) for a list of {"role", "content"} messages."""
-    if template is None:
-        names = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-        lines = [f"{names[m['role']]}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nAssistant:", list(PLAIN_CHAT_STOP)
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg):
-        raise TemplateError(msg)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        text = env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=tokenizer.eos_token
-        )
-    except TemplateError as e:
-        raise APIError(400, f"chat template: {e}", "messages") from None
-    return text, []
+    return JSONResponse(error_body(message, param, code, kind), status_code=status)
 
 
 # --- jobs and the decode loop ---------------------------------------------------------------------
@@ -195,6 +79,11 @@ class Job:
         self.outputs: asyncio.Queue = asyncio.Queue()
         self.open = len(reqs)  # rows not finished yet, as seen by the HTTP side
         self.running = len(reqs)  # rows not finished yet, as seen by the worker
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of the request (each prompt once, however many samples n it asks for)."""
+        return sum(len(r.prompt_ids) for r in self.reqs[:: self.n])
 
     def deliver(self, item):  # called from the worker thread
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
@@ -294,7 +183,175 @@ class Worker:
                     self.engine.cancel(r.request_id)
 
 
+# --- the HTTP side: validate, queue, answer ---------------------------------------------------------
+
+
+class Service:
+    """What the routes do: check a request, turn it into engine rows, submit them, and answer (whole or streamed)."""
+
+    def __init__(
+        self, worker: Worker, tokenizer, model_name: str, chat_template: str | None, template_timeout: float | None
+    ):
+        self.worker, self.engine = worker, worker.engine
+        self.tokenizer, self.model_name = tokenizer, model_name
+        self.chat_template, self.template_timeout = chat_template, template_timeout
+        self.names = TokenStrings(tokenizer)
+        self.created = int(time.time())
+
+    # --- checks ---------------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(
+                400, f"model {name!r} not found; this server serves {self.model_name!r}", "model", "model_not_found"
+            )
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt as token ids (an empty text starts a fresh document, as in generate)."""
+        try:
+            ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]) if isinstance(prompt, str) else prompt
+        except LmforgeError as e:
+            raise APIError(400, str(e), "prompt") from None
+        return check_prompt_ids(ids, self.engine.vocab)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lmforge"}
+
+    # --- the endpoints ----------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: HTTPRequest):
+        self.check_model(body.model)
+        prompts = [self.prompt_ids(p) for p in completion_prompts(body)]
+
+        def params(prompt_len: int):
+            return sampling_params(
+                body,
+                prompt_len=prompt_len,
+                context=self.engine.limit,
+                max_tokens=body.max_tokens,
+                default_max=COMPLETION_MAX_TOKENS,
+                logprobs=body.logprobs,
+            )
+
+        return await self.submit(request, body, prompts, params, CompletionFormat, body.logprobs is not None)
+
+    async def chat(self, body: ChatRequest, request: HTTPRequest):
+        self.check_model(body.model)
+        messages = chat_messages(body)
+        try:  # in a thread, with a time limit: a slow template must not hold up the event loop
+            ids, extra_stop = await asyncio.to_thread(
+                encode_chat, messages, self.chat_template, self.tokenizer, self.template_timeout
+            )
+        except LmforgeError as e:  # the template refuses these messages or takes too long
+            raise APIError(400, str(e), "messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
+        def params(prompt_len: int):
+            return sampling_params(
+                body,
+                prompt_len=prompt_len,
+                context=self.engine.limit,
+                max_tokens=max_tokens,
+                default_max=None,
+                extra_stop=extra_stop,
+                logprobs=chat_logprobs_setting(body),
+                prompt_param="messages",
+            )
+
+        return await self.submit(request, body, [ids], params, ChatFormat, body.logprobs)
+
+    # --- the shared path --------------------------------------------------------------------------
+
+    async def submit(self, request: HTTPRequest, body, prompts: list[list[int]], params_for, fmt, logprobs: bool):
+        """Queue n rows per prompt (seeded seed, seed+1, ...), then answer as a whole response or a stream."""
+        if len(prompts) * body.n > self.engine.max_batch:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompt(s) x n={body.n} exceeds this server's batch of {self.engine.max_batch}",
+                "n",
+            )
+        reqs = []
+        for ids in prompts:
+            for i in range(body.n):
+                p = params_for(len(ids))
+                if body.seed is not None:
+                    p.seed = body.seed + i  # n different samples, each reproducible
+                reqs.append(Request(ids, p))
+        job = Job(reqs, body.n, asyncio.get_running_loop())
+        wire: ResponseFormat = fmt(job.id, int(time.time()), self.model_name, logprobs, self.names)
+        self.worker.submit(job)
+        if body.stream:
+            events = self.stream(job, wire, body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return wire.response(await self.collect(job, request), job.prompt_tokens)
+
+    async def collect(self, job: Job, request: HTTPRequest) -> list[RowResult]:
+        """Wait for every row of a non-streamed job; cancel it if the client goes away."""
+        results = [RowResult() for _ in job.reqs]
+        while job.open:
+            try:
+                out = await asyncio.wait_for(job.outputs.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.worker.cancel(job)
+                    raise APIError(499, "client closed the request") from None
+                continue
+            if isinstance(out, Exception):
+                raise APIError(500, f"generation failed: {out}", kind="server_error")
+            results[out.request_id[1]].add(out)
+            if out.finish_reason:
+                job.open -= 1
+        return results
+
+    async def stream(self, job: Job, wire: ResponseFormat, include_usage: bool):
+        """Server-sent events: one `data: {...}` per chunk, then `data: [DONE]`; a client leaving frees its rows."""
+
+        def event(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        completion_tokens = 0
+        try:
+            for head in wire.first_chunks(len(job.reqs)):
+                yield event(head)
+            while job.open:
+                out = await job.outputs.get()
+                if isinstance(out, Exception):
+                    yield event(error_body(f"generation failed: {out}", kind="server_error"))
+                    break
+                completion_tokens += len(out.token_ids)
+                if out.finish_reason:
+                    job.open -= 1
+                if out.text or out.finish_reason or out.logprobs:
+                    yield event(wire.chunk(out, out.request_id[1]))
+            if include_usage:
+                yield event(wire.usage_chunk(job.prompt_tokens, completion_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            if job.open:
+                self.worker.cancel(job)
+
+
 # --- the app --------------------------------------------------------------------------------------
+
+
+class APIKeyAuth:
+    """ASGI middleware: a /v1 request without `Authorization: Bearer KEY` gets 401 before anything reads its body."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
+            refusal = error_response(
+                401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key"
+            )
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode("latin-1"), self.key)
 
 
 class BodyLimit:
@@ -341,12 +398,16 @@ def create_app(
     chat_template: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     compile: bool = False,
+    template_timeout: float | None = DEFAULT_TEMPLATE_TIMEOUT,
 ) -> FastAPI:
-    """The FastAPI application serving `model`; the decode thread starts and stops with the app."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, compile=compile)
-    worker = Worker(engine)
-    context = engine.limit
-    created = int(time.time())
+    """The FastAPI application serving `model`; the decode thread starts and stops with the app.
+
+    api_key: require `Authorization: Bearer KEY` on /v1 routes (None or "": open). chat_template:
+    Jinja source for chat (None: the plain template), rendered off the event loop and refused (400)
+    past template_timeout seconds. max_body: larger request bodies get 413.
+    """
+    worker = Worker(Engine(model, tokenizer, max_batch=max_batch, compile=compile))
+    service = Service(worker, tokenizer, model_name, chat_template, template_timeout)
 
     async def lifespan(app):
         worker.start()
@@ -361,388 +422,49 @@ def create_app(
     )
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=max_body)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON", None, "invalid_json")
-        if err.get("type") == "model_attributes_type" or not loc:
-            return error_response(400, f"request body must be a JSON object: {err['msg']}", None)
-        # drop pydantic's union-branch names (e.g. "str", "list[int]") from the field path
-        path = ".".join(
-            x for x in loc if not (x.startswith(("str", "list", "dict", "int")) or x in ("function-after",))
-        )
-        return error_response(400, f"{path or loc[0]}: {err['msg']}", path or loc[0])
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        return error_response(
-            e.status_code, str(e.detail), None, None, "invalid_request_error" if e.status_code < 500 else "server_error"
-        )
-
-    def check_auth(request: HTTPRequest):
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(
-                401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key"
-            )
-
-    def check_model(name: str):
-        if name != model_name:
-            raise APIError(
-                400, f"model {name!r} not found; this server serves {model_name!r}", "model", "model_not_found"
-            )
-
-    def sampling(
-        body: _Sampling,
-        max_tokens: int | None,
-        prompt_len: int,
-        default_max: int | None,
-        extra_stop: list[str],
-        logprobs: int | None,
-    ):
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
-        if prompt_len >= context:
-            raise APIError(
-                400,
-                f"prompt is {prompt_len} tokens; this model's context is {context} tokens",
-                "messages" if extra_stop else "prompt",
-                "context_length_exceeded",
-            )
-        room = context - prompt_len
-        if max_tokens is None:
-            max_tokens = room if default_max is None else min(default_max, room)
-        elif prompt_len + max_tokens > context:
-            raise APIError(
-                400,
-                f"this model's context is {context} tokens, but {prompt_len} prompt tokens + max_tokens {max_tokens} "
-                f"= {prompt_len + max_tokens}",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(not s for s in stop) or len(stop) > 16:
-            raise APIError(400, "stop must be up to 16 non-empty strings", "stop")
-        top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        return SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_k=top_k,
-            top_p=body.top_p,
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            seed=body.seed,
-            stop=stop + extra_stop,
-            logprobs=logprobs,
-            ignore_eos=body.ignore_eos,
-        )
-
-    def make_rows(prompts: list[list[int]], n: int, params_for, seed: int | None) -> list[Request]:
-        if len(prompts) * n > engine.max_batch:
-            raise APIError(
-                400, f"{len(prompts)} prompt(s) x n={n} exceeds this server's batch of {engine.max_batch}", "n"
-            )
-        reqs = []
-        for ids in prompts:
-            for i in range(n):
-                p = params_for(ids)
-                if seed is not None:
-                    p.seed = seed + i  # n different samples, each reproducible
-                reqs.append(Request(ids, p))
-        return reqs
-
-    def token_text(i: int) -> str:
-        return tokenizer.decode([i])
-
-    async def run_job(job: Job, request: HTTPRequest):
-        """Wait for every row of a non-streamed job; cancel it if the client goes away."""
-        results = {i: {"text": "", "tokens": 0, "logprobs": [], "finish_reason": None} for i in range(len(job.reqs))}
-        while job.open:
-            try:
-                out = await asyncio.wait_for(job.outputs.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    worker.cancel(job)
-                    raise APIError(499, "client closed the request")
-                continue
-            if isinstance(out, Exception):
-                raise APIError(500, f"generation failed: {out}", kind="server_error")
-            r = results[out.request_id[1]]
-            r["text"] += out.text
-            r["tokens"] += len(out.token_ids)
-            r["logprobs"] += out.logprobs
-            if out.finish_reason:
-                r["finish_reason"] = out.finish_reason
-                job.open -= 1
-        return results
-
-    def usage(job: Job, completion_tokens: int) -> dict:
-        prompt = sum(len(r.prompt_ids) for i, r in enumerate(job.reqs) if i % job.n == 0)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens,
-        }
-
-    def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
-        tokens = [token_text(e.token_id) for e in entries]
-        offsets, pos = [], offset
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries],
-            "text_offset": offsets,
-        }
-
-    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
-        def item(i, lp):
-            t = token_text(i)
-            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-
-        return {
-            "content": [
-                {**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries
-            ]
-        }
-
-    def stream(job: Job, request: HTTPRequest, chunk, final_usage: bool):
-        """SSE response: one `data: {...}` event per piece, then `data: [DONE]`; a client leaving frees its rows."""
-
-        async def events():
-            completion_tokens = 0
-            try:
-                for head in chunk(None, first=True):
-                    yield f"data: {json.dumps(head)}\n\n"
-                while job.open:
-                    out = await job.outputs.get()
-                    if isinstance(out, Exception):
-                        err = {
-                            "error": {
-                                "message": f"generation failed: {out}",
-                                "type": "server_error",
-                                "param": None,
-                                "code": None,
-                            }
-                        }
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    completion_tokens += len(out.token_ids)
-                    if out.finish_reason:
-                        job.open -= 1
-                    if out.text or out.finish_reason or out.logprobs:
-                        for c in chunk(out):
-                            yield f"data: {json.dumps(c)}\n\n"
-                if final_usage:
-                    yield f"data: {json.dumps(chunk(None, usage=usage(job, completion_tokens))[0])}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                if job.open:
-                    worker.cancel(job)
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    # --- routes ---------------------------------------------------------------------------------
+    if api_key:  # added last, so it runs first: refused requests are not even read
+        app.add_middleware(APIKeyAuth, api_key=api_key)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    bad_request = {400: {"description": "invalid request (OpenAI-style error body)"}}
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, **worker.load}
 
     @app.get("/v1/models")
-    async def models(request: HTTPRequest):
-        check_auth(request)
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}],
-        }
+    async def models():
+        return {"object": "list", "data": [service.model_card()]}
 
     @app.get("/v1/models/{name}")
-    async def model_info(name: str, request: HTTPRequest):
-        check_auth(request)
+    async def model_info(name: str):
         if name != model_name:
             raise APIError(404, f"model {name!r} not found", "model", "model_not_found")
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}
+        return service.model_card()
 
-    @app.post("/v1/completions", responses={400: {"description": "invalid request (OpenAI-style error body)"}})
+    @app.post("/v1/completions", responses=bad_request)
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_auth(request)
-        check_model(body.model)
-        for name, bad in (
-            ("echo", body.echo),
-            ("suffix", body.suffix),
-            ("best_of", body.best_of not in (None, body.n)),
-        ):
-            if bad:
-                raise APIError(400, f"{name} is not supported", name)
-        p = body.prompt
-        if isinstance(p, str):
-            prompts = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        else:
-            prompts = list(p)
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        ids = []
-        for x in prompts:
-            t = (tokenizer.encode(x) or [tokenizer.eos_id]) if isinstance(x, str) else list(x)
-            if not t or any(not 0 <= i < engine.vocab for i in t):
-                raise APIError(400, f"prompt token ids must be in [0, {engine.vocab}) and not empty", "prompt")
-            ids.append(t)
-        reqs = make_rows(
-            ids, body.n, lambda t: sampling(body, body.max_tokens, len(t), 16, [], body.logprobs), body.seed
-        )
-        job = Job(reqs, body.n, asyncio.get_running_loop())
-        rid = "cmpl-" + job.id
-        now = int(time.time())
-        worker.submit(job)
+        return await service.completions(body, request)
 
-        if body.stream:
-            offsets = [0] * len(reqs)
-
-            def chunk(out: Output | None, first=False, usage=None):
-                if first:
-                    return []
-                if usage is not None:
-                    return [
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": now,
-                            "model": model_name,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    ]
-                i = out.request_id[1]
-                lp = completion_logprobs(out.logprobs, offsets[i]) if body.logprobs is not None else None
-                offsets[i] += len(out.text)
-                return [
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": now,
-                        "model": model_name,
-                        "choices": [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}],
-                    }
-                ]
-
-            return stream(job, request, chunk, bool(body.stream_options and body.stream_options.include_usage))
-
-        results = await run_job(job, request)
-        choices = [
-            {
-                "index": i,
-                "text": r["text"],
-                "finish_reason": r["finish_reason"],
-                "logprobs": completion_logprobs(r["logprobs"], 0) if body.logprobs is not None else None,
-            }
-            for i, r in results.items()
-        ]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": now,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(job, sum(r["tokens"] for r in results.values())),
-        }
-
-    @app.post("/v1/chat/completions", responses={400: {"description": "invalid request (OpenAI-style error body)"}})
+    @app.post("/v1/chat/completions", responses=bad_request)
     async def chat(body: ChatRequest, request: HTTPRequest):
-        check_auth(request)
-        check_model(body.model)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        messages = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(part.text for part in (m.content or []))
-            messages.append({"role": m.role, "content": content})
-        text, extra_stop = render_chat(messages, chat_template, tokenizer)
-        ids = tokenizer.encode(text)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = make_rows(
-            [ids], body.n, lambda t: sampling(body, max_tokens, len(t), None, extra_stop, logprobs), body.seed
-        )
-        job = Job(reqs, body.n, asyncio.get_running_loop())
-        rid = "chatcmpl-" + job.id
-        now = int(time.time())
-        worker.submit(job)
-
-        if body.stream:
-
-            def chunk(out: Output | None, first=False, usage=None):
-                base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
-                if first:
-                    return [
-                        {
-                            **base,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                        for i in range(len(reqs))
-                    ]
-                if usage is not None:
-                    return [{**base, "choices": [], "usage": usage}]
-                delta = {"content": out.text} if out.text else {}
-                lp = chat_logprobs(out.logprobs) if body.logprobs else None
-                return [
-                    {
-                        **base,
-                        "choices": [
-                            {
-                                "index": out.request_id[1],
-                                "delta": delta,
-                                "logprobs": lp,
-                                "finish_reason": out.finish_reason,
-                            }
-                        ],
-                    }
-                ]
-
-            return stream(job, request, chunk, bool(body.stream_options and body.stream_options.include_usage))
-
-        results = await run_job(job, request)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r["text"]},
-                "finish_reason": r["finish_reason"],
-                "logprobs": chat_logprobs(r["logprobs"]) if body.logprobs else None,
-            }
-            for i, r in results.items()
-        ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": now,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(job, sum(r["tokens"] for r in results.values())),
-        }
+        return await service.chat(body, request)
 
     return app
+
+
+async def _api_error(request, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _invalid_request(request, e: RequestValidationError):
+    return await _api_error(request, validation_error(e.errors()))
+
+
+async def _http_error(request, e: StarletteHTTPException):
+    kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+    return error_response(e.status_code, str(e.detail), None, None, kind)
 
 
 def serve(
@@ -776,6 +498,6 @@ def serve(
         chat_template=load_chat_template(run_dir),
         compile=compile,
     )
-    auth = "API key required" if api_key else "no API key"
+    auth = "API key required" if api_key else "no API key"  # ("" is no key, as in create_app)
     print(f"serving {name} on http://{host}:{port}/v1 ({auth}; max batch {max_batch}; docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -54,9 +54,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"corrupt {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise LmforgeError(f"corrupt {path}: not a JSON object")
+    return cfg
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ def save_checkpoint(run_dir: Path, model, trainer_state: dict, keep: int = 3, va
     step = trainer_state["step"]
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,10 +63,32 @@ def save_checkpoint(run_dir: Path, model, trainer_state: dict, keep: int = 3, va
     return final
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what killed writes leave behind; returns what was removed.
+
+    That is checkpoints/.tmp-* and .old-best-* directories (a checkpoint or best copy being written) and the
+    hidden `.NAME.XXXX.tmp` files of `io.atomic_path` in the run directory and checkpoints/. Call it only where
+    no other process writes the run (rank 0, before a save, or when resuming)."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    old_best = sorted(root.glob(".old-best-*"))
+    if old_best and not (root / "best").exists():  # killed between moving best aside and putting the new one
+        os.replace(old_best[-1], root / "best")
+    stale = [p for pattern in (".tmp-*", ".old-best-*") for p in root.glob(pattern)]
+    stale += [p for d in (run_dir, root) for p in d.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
 def _update_best(root: Path, ckpt: Path, val_loss: float) -> None:
     best = root / "best"
     current = _read_manifest(best)
-    if current is not None and current.get("val_loss") is not None and current["val_loss"] <= val_loss:
+    best_loss = current.get("val_loss") if current is not None else None
+    if isinstance(best_loss, (int, float)) and best_loss <= val_loss:
         return
     tmp = root / f".tmp-best-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -88,19 +111,43 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def _read_manifest(ckpt: Path) -> dict | None:
+    """The manifest as a dict, or None when it is missing, unreadable or not a JSON object."""
     try:
-        return json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def required_files(manifest: dict) -> set[str]:
+    """The files a checkpoint of the manifest's format cannot do without."""
+    return {WEIGHTS, TRAINER_STATE}
 
 
 def verify(ckpt: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    """None if the checkpoint is complete and intact, else what is wrong with it.
+
+    The manifest must be a JSON object whose "files" maps every file the checkpoint needs (`required_files`)
+    to {"size": bytes, "sha256": hex}; each listed file must exist with that size and hash."""
     manifest = _read_manifest(ckpt)
     if manifest is None:
         return "missing or unreadable manifest"
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "manifest lists no files"
+    missing = required_files(manifest) - set(files)
+    if missing:
+        return f"manifest does not list {', '.join(sorted(missing))}"
+    for name, info in files.items():
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("size"), int)
+            or not isinstance(info.get("sha256"), str)
+        ):
+            return f"manifest entry for {name} has no size and sha256"
         f = ckpt / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"manifest names a file outside the checkpoint ({name})"
         if not f.is_file():
             return f"{name} missing"
         if f.stat().st_size != info["size"]:
@@ -111,7 +158,9 @@ def verify(ckpt: Path) -> str | None:
 
 
 def load_latest(run_dir: Path, model) -> dict:
-    """Load the newest intact checkpoint into model and return its trainer state (skipping damaged ones with a warning)."""
+    """Load the newest intact checkpoint into model and return its trainer state.
+
+    Damaged checkpoints are skipped with a warning; raises LmforgeError when none is left."""
     root = Path(run_dir) / CHECKPOINTS
     candidates = list(reversed(step_dirs(root))) if root.is_dir() else []
     if not candidates:

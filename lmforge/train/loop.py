@@ -1,18 +1,24 @@
-"""The training loop: data, optimiser, schedule, accumulation, clipping, evaluation, checkpoints.
+"""The training loop, the same for every model family (what differs comes from a `tasks.Task`).
 
-The loop is the same for every model family; what differs (data, batches, loss, evaluation, samples)
-comes from a task object: `LMTask` here for decoder-only language models, `seq2seq.Seq2SeqTask`
-for encoder–decoder models.
+    train()       processes, then `_run`: the story below
+    _run          start (config, task, model, wrapping, optimizers, restored state), then while budget
+                  remains: train_step -> log -> maybe evaluate -> maybe checkpoint; a final evaluation and checkpoint
+    Setup         what a step acts on: the model, its `distributed.Parallel`, the optimizers, precision, accumulation
+    start         builds the Setup (and loads the latest checkpoint's weights when resuming)
+    train_step    one optimizer step: accumulate micro-batches, clip, step; a plain function, testable alone
+    Reporter      the log lines and metrics.jsonl records of steps and evaluations
+    validate      an evaluation, and a sample when the model can generate on one rank
+    save/restore  the checkpoint round trip: weights, `state.RunState`, optimizer, scaler and RNG states
+
+Budget and clock live on the `RunState` (state.py); every DDP/FSDP detail lives in distributed.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
-import signal
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +26,22 @@ import torch
 
 from ..config import Config
 from ..errors import LmforgeError
-from ..io import write_text_atomic
 from ..models import build_model, moe
 from ..runs import METRICS, WEIGHTS, load_config, save_config
-from .checkpoint import load_latest, save_checkpoint
-from .distributed import any_rank, barrier, init_distributed, mean_across_ranks, shutdown, wrap_model
+from .checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
+from .distributed import DistInfo, Parallel, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
-from .precision import autocast_for, choose_precision, cpu_has_native_bf16, peak_flops, pick_device
-from .tasks import make_task
+from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
+from .state import (
+    MetricsWriter,
+    RunState,
+    StopFlag,
+    fmt_time,
+    global_rng_state,
+    set_global_rng_state,
+    truncate_metrics,
+)
+from .tasks import Task, make_task
 
 
 @dataclass
@@ -38,76 +52,6 @@ class RunResult:
     elapsed: float
     final: dict
     interrupted: bool
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks between steps; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping: saving a checkpoint (Ctrl-C again to abort at once)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _Metrics:
-    """metrics.jsonl always; TensorBoard too when asked for and installed. Only rank 0 writes."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, log):
-        self.path = run_dir / METRICS
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log(
-                    "warning: --tensorboard needs the tensorboard package (pip install tensorboard); writing metrics.jsonl only"
-                )
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        _append_metrics(self.path, record)
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
 
 
 def train(
@@ -125,289 +69,295 @@ def train(
     stop_after_steps ends the run at that step as if interrupted (checkpoint saved, schedule
     unchanged), so a long run can be done in chunks with resume. Under torchrun with several
     processes, each trains on its share of every batch (DDP or FSDP2); rank 0 logs and saves.
+    Raises LmforgeError for a run that cannot start (no budget, existing weights, missing data).
     """
     run_dir = Path(run_dir)
-    tc_device = pick_device((load_config(run_dir) if resume else cfg).train.device)
-    dist_info = init_distributed(tc_device.type)
-    if dist_info.enabled and tc_device.type == "cuda":
-        tc_device = torch.device("cuda", dist_info.local_rank)
-    main = dist_info.is_main
-    say = log if main else (lambda *_: None)
+    device = pick_device((load_config(run_dir) if resume else cfg).train.device)
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    log = log if dist_info.is_main else (lambda *_: None)
     try:
-        return _train(cfg, run_dir, data, resume, cache_root, stop_after_steps, say, tc_device, dist_info)
+        return _run(cfg, run_dir, data, resume, cache_root, stop_after_steps, log, device, dist_info)
     finally:
         shutdown(dist_info)
 
 
-def _train(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, device, dist_info) -> RunResult:
-    main = dist_info.is_main
-    if resume:
-        cfg = load_config(run_dir)
-    else:
-        if (run_dir / WEIGHTS).exists():
-            raise LmforgeError(
-                f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run"
-            )
-        cfg.validate()
+def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, device, dist_info) -> RunResult:
+    # start: the config, the task (data, tokenizer), the model it needs, wrapped and with its optimizers
+    cfg = load_config(run_dir) if resume else _check_new_run(cfg, run_dir)
+    _check_budget(cfg.train)
     task = make_task(cfg, run_dir, data, resume, cache_root, log, dist_info)
+    cfg = dataclasses.replace(cfg, model=task.model_config)
     tc = cfg.train
-    if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
-        raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
-
-    precision = choose_precision(tc.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise LmforgeError("fp16 training needs a CUDA device (use bf16 or fp32)")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        log("warning: this CPU has no native bf16 matrix instructions; bf16 will be much slower than fp32")
-    autocast = autocast_for(device, precision)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model)
-    model.activation_checkpointing = tc.activation_checkpointing
-    step, tokens, elapsed, best = 0, 0, 0.0, None
-    state = None
-    if resume:
-        state = load_latest(run_dir, model)
-    model.to(device)
-    wrapped = wrap_model(model, tc.parallel, dist_info, device)
-    optimizers = build_optimizers(model, tc, device)
-    data_gen = torch.Generator().manual_seed(tc.seed)
-    micro_tokens = task.micro_tokens  # (nominal) tokens per micro-step, all ranks together
-    accum = max(1, math.ceil((tc.tokens_per_step or micro_tokens) / micro_tokens))
-
-    if state is not None:
-        for opt, sd in zip(optimizers, state["optimizers"]):
-            _load_optim_state(model, opt, sd, dist_info, tc)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        data_gen.set_state(state["data_rng"])
-        _set_rng_state(state["rng"])
-        step, tokens, elapsed, best = state["step"], state["tokens"], state["elapsed"], state.get("best_val_loss")
-        if main:
-            _truncate_metrics(run_dir / METRICS, step)
-        log(f"resuming {run_dir} at step {step} ({tokens:,} tokens, {elapsed:.0f}s)")
-    elif main:
+    setup, saved = start(cfg, task, run_dir, resume, device, dist_info, log)
+    state = RunState(data_rng=torch.Generator().manual_seed(tc.seed))
+    if saved is not None:
+        state = restore(setup, saved, run_dir, log)
+    elif setup.parallel.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         task.save_files(run_dir)
         save_config(run_dir, cfg)
-    barrier(dist_info)
+    setup.parallel.barrier()
+    report = Reporter(run_dir, task, setup, state, tc, log)
 
-    fwd = torch.compile(wrapped) if tc.compile else wrapped
-    flops_tok = task.flops_per_token() if hasattr(task, "flops_per_token") else None
-    peak = peak_flops(device, precision) if flops_tok else None
-    metrics = _Metrics(run_dir, main, tc.tensorboard, log)
-    model_line, train_line = task.describe(model, accum)
+    # the loop: step, log, evaluate now and then, checkpoint now and then, until the budget is spent
+    last_eval, interrupted = {}, False
+    with StopFlag() as stop:
+        state.start_clock()
+        while state.progress(tc) < 1.0:
+            if setup.parallel.any(stop.requested) or (stop_after_steps is not None and state.step >= stop_after_steps):
+                interrupted = True
+                break
+            lr = lr_factor(tc, state.step, state.progress(tc))
+            result = train_step(setup, task, state.data_rng, lr)
+            state.advance(result.tokens)
+            if state.step % tc.log_interval == 0 or state.step == 1:
+                report.step(state, result, lr)
+            if state.progress(tc) >= 1.0:
+                break  # the final evaluation and checkpoint follow
+            with state.off_the_clock():
+                if state.step % tc.eval_interval == 0:
+                    last_eval = validate(task, setup, state, report)
+                    if not tc.checkpoint_interval:
+                        save(setup, state, run_dir, tc, last_eval["val_loss"])
+                if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
+                    save(setup, state, run_dir, tc)
+        if not interrupted:
+            last_eval = validate(task, setup, state, report)
+        save(setup, state, run_dir, tc, None if interrupted else last_eval.get("val_loss"))
+    report.close()
+    log(
+        f"{'stopped' if interrupted else 'done'}: step {state.step}, {state.tokens:,} tokens in "
+        f"{fmt_time(state.elapsed)}; saved to {run_dir}"
+    )
+    return RunResult(run_dir, state.step, state.tokens, state.elapsed, last_eval, interrupted)
+
+
+def _check_new_run(cfg: Config, run_dir: Path) -> Config:
+    if (run_dir / WEIGHTS).exists():
+        raise LmforgeError(
+            f"{run_dir} already holds a trained model: use --resume to continue it or --out for a new run"
+        )
+    cfg.validate()
+    return cfg
+
+
+def _check_budget(tc) -> None:
+    if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
+        raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
+
+
+# --- start ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What a training step acts on. `model` is the plain module; `parallel.parallel_model` the one forward and
+    backward go through (DDP / FSDP2); `compiled` that one, torch.compile'd when asked for."""
+
+    model: torch.nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+    autocast: Callable = contextlib.nullcontext
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    parallel: Parallel | None = None  # None: one process
+    compiled: Callable | None = None  # None: parallel.parallel_model
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.parallel is None:
+            self.parallel = Parallel(self.model, DistInfo(), next(self.model.parameters()).device)
+        if self.compiled is None:
+            self.compiled = self.parallel.parallel_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.parallel.device
+
+
+def start(cfg: Config, task: Task, run_dir: Path, resume: bool, device, dist_info: DistInfo, log):
+    """(Setup, the saved trainer state or None): the model built from the task's config (with the latest
+    checkpoint's weights when resuming), moved, wrapped for the processes, and its optimizers."""
+    tc = cfg.train
+    precision = _precision(tc.precision, device, log)
+    torch.manual_seed(tc.seed)
+    model = build_model(task.model_config)
+    model.activation_checkpointing = tc.activation_checkpointing
+    saved = load_latest(run_dir, model) if resume else None
+    model.to(device)
+    parallel = wrap(model, tc.parallel, dist_info, device)
+    setup = Setup(
+        model,
+        build_optimizers(model, tc, device),
+        accum=max(1, math.ceil((tc.tokens_per_step or task.micro_tokens) / task.micro_tokens)),
+        grad_clip=tc.grad_clip,
+        autocast=autocast_for(device, precision),
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+        parallel=parallel,
+        compiled=torch.compile(parallel.parallel_model) if tc.compile else None,
+        precision=precision,
+    )
+    model_line, train_line = task.describe(model, setup.accum)
     log(
         f"{model_line}; device {device}, {precision}"
         + (f", {dist_info.world} processes ({tc.parallel})" if dist_info.enabled else "")
         + (", compiled" if tc.compile else "")
     )
     log(f"{train_line}; optimizer {tc.optimizer}")
-
-    def progress_of(step, tokens, elapsed):
-        parts = [0.0]
-        if tc.max_steps:
-            parts.append(step / tc.max_steps)
-        if tc.max_tokens:
-            parts.append(tokens / tc.max_tokens)
-        if tc.max_time:
-            parts.append(elapsed / tc.max_time)
-        return max(parts)
-
-    def checkpoint(val_loss=None):
-        nonlocal best
-        if val_loss is not None and (best is None or val_loss < best):
-            best = val_loss
-        state = {
-            "step": step,
-            "tokens": tokens,
-            "elapsed": elapsed,
-            "optimizers": [_full_optim_state(model, o, dist_info, tc) for o in optimizers],
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "data_rng": data_gen.get_state(),
-            "rng": _rng_state(),
-            "best_val_loss": best,
-        }
-        full_model = _FullStateModel(model, dist_info, tc)
-        if main:
-            save_checkpoint(run_dir, full_model, state, keep=tc.keep_checkpoints, val_loss=val_loss)
-        barrier(dist_info)
-
-    def run_eval():
-        res = task.evaluate(model, device, autocast, forward=fwd)
-        res.update(step=step, tokens=tokens, elapsed=round(elapsed, 2))
-        metrics.write(res)
-        log(f"eval step {step}: {task.format_eval(res)}")
-        if tc.sample_tokens and not (
-            dist_info.enabled and tc.parallel == "fsdp"
-        ):  # a sharded model cannot generate alone
-            model.eval()
-            with autocast():
-                sample = task.sample(model, step)
-            model.train()
-            log("sample: " + sample.strip("\n")[:600])
-        return res
-
-    wrapped.train()
-    last_eval: dict = {}
-    interrupted = False
-    t_log, tok_log = time.time(), tokens
-    with _StopFlag() as stop:
-        t_prev = time.time()
-        while progress_of(step, tokens, elapsed) < 1.0:
-            if any_rank(stop.requested, dist_info) or (stop_after_steps is not None and step >= stop_after_steps):
-                interrupted = True
-                break
-            factor = lr_factor(tc, step, progress_of(step, tokens, elapsed))
-            for opt in optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-            loss_sum = torch.zeros((), device=device)
-            aux_sums = {}
-            step_tokens = 0
-            for micro in range(accum):
-                batch, n_tokens = task.batch(data_gen, device)
-                sync = micro == accum - 1
-                with _maybe_no_sync(wrapped, sync, dist_info, tc), autocast():
-                    loss = task.loss(fwd, batch)
-                    aux = moe.aux_losses(model)  # MoE router losses {name: (coef, value)}; {} for dense models
-                scaled = (loss + sum(c * v for c, v in aux.values())) / accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach()
-                step_tokens += n_tokens
-                aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / accum for k, (_, v) in aux.items()}
-            if scaler is not None:
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            for opt in optimizers:
-                scaler.step(opt) if scaler is not None else opt.step()
-            if scaler is not None:
-                scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += step_tokens
-            now = time.time()
-            elapsed += now - t_prev
-            t_prev = now
-            if step % tc.log_interval == 0 or step == 1:
-                loss_v = mean_across_ranks(loss_sum, dist_info).item() / accum  # the one sync per logged step
-                rate = (tokens - tok_log) / max(1e-9, now - t_log)
-                t_log, tok_log = now, tokens
-                p = progress_of(step, tokens, elapsed)
-                eta = elapsed * (1 - p) / p if p > 0 else 0.0
-                mfu = rate * flops_tok / (peak * dist_info.world) if peak else None
-                extra = moe.training_metrics(model, aux_sums)  # router losses and expert load; {} for dense models
-                rec = {
-                    "step": step,
-                    "tokens": tokens,
-                    "loss": loss_v,
-                    "lr": tc.lr * factor,
-                    "tokens_per_s": rate,
-                    "elapsed": round(elapsed, 2),
-                }
-                if mfu is not None:
-                    rec["mfu"] = mfu
-                metrics.write({**rec, **extra})
-                log(
-                    f"step {step:>6} | loss {loss_v:.4f} | lr {tc.lr * factor:.2e} | {rate:,.0f} tok/s"
-                    + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "")
-                    + f" | {100 * p:5.1f}% | ETA {_fmt_time(eta)}"
-                    + moe.describe(extra)
-                )
-            done = progress_of(step, tokens, elapsed) >= 1.0
-            if step % tc.eval_interval == 0 and not done:
-                last_eval = run_eval()
-                if not tc.checkpoint_interval:
-                    checkpoint(last_eval["val_loss"])
-                t_prev = time.time()  # evaluation and checkpoint time do not count against the budget
-            if tc.checkpoint_interval and step % tc.checkpoint_interval == 0 and not done:
-                checkpoint()
-                t_prev = time.time()
-        if not interrupted:
-            last_eval = run_eval()
-        checkpoint(last_eval.get("val_loss") if not interrupted else None)
-    metrics.close()
-    log(
-        f"{'stopped' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {_fmt_time(elapsed)}; saved to {run_dir}"
-    )
-    return RunResult(run_dir, step, tokens, elapsed, last_eval, interrupted)
+    return setup, saved
 
 
-def _maybe_no_sync(wrapped, sync: bool, dist_info, tc):
-    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulation."""
-    if dist_info.enabled and not sync and tc.parallel == "ddp":
-        return wrapped.no_sync()
-    if dist_info.enabled and tc.parallel == "fsdp" and hasattr(wrapped, "set_requires_gradient_sync"):
-        wrapped.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
+def _precision(requested: str, device: torch.device, log) -> str:
+    precision = choose_precision(requested, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise LmforgeError("fp16 training needs a CUDA device (use bf16 or fp32)")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log("warning: this CPU has no native bf16 matrix instructions; bf16 will be much slower than fp32")
+    return precision
 
 
-def _full(t):
-    """A plain tensor from an FSDP2 shard (DTensor) by gathering it; plain tensors pass through."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+# --- the step -------------------------------------------------------------------------------------
 
 
-class _FullStateModel:
-    """What save_weights needs from a model (config + state_dict), with FSDP shards gathered to full tensors.
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's share of the step's mean token loss: summed over ranks, it is the mean
+    tokens: int  # predicted tokens of the step, all ranks together
+    aux: dict  # MoE router losses of the step {name: mean over micro-batches}; {} for dense models
 
-    Every rank must build it (gathering is collective); only rank 0 writes it.
+
+def train_step(setup: Setup, task: Task, data_gen: torch.Generator, lr_factor: float) -> StepResult:
+    """One optimizer step: `setup.accum` micro-batches forward and backward, then clip, step and zero the gradients.
+
+    Every param group's lr is set to its base_lr x lr_factor first. The step's loss is the mean over every
+    token it predicts: sum of token losses over all micro-batches and ranks / their total count N. So the
+    micro-batches are drawn first and N all-reduced before any backward; each micro-batch backpropagates
+    its loss sum x (g / N), where g is the number of ranks the backward averages gradients over (DDP and
+    FSDP average; one process: 1), so the gradient is exactly that of the global token mean. MoE router
+    losses are per-batch means, added as their mean over micro-batches. Gradients are all-reduced on the
+    last micro-batch only.
     """
-
-    def __init__(self, model, dist_info, tc):
-        self.config = model.config
-        self._sd = {k: _full(v) for k, v in model.state_dict().items()}
-
-    def state_dict(self):
-        return self._sd
-
-
-def _full_optim_state(model, opt, dist_info, tc):
-    sd = opt.state_dict()
-    if dist_info.enabled and tc.parallel == "fsdp":
-        sd["state"] = {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()}
-    return sd
-
-
-def _load_optim_state(model, opt, sd, dist_info, tc):
-    """Load a full optimizer state; under FSDP2 each state tensor is re-sharded like its parameter."""
-    if dist_info.enabled and tc.parallel == "fsdp":
-        from torch.distributed.tensor import distribute_tensor
-
-        params = [p for g in opt.param_groups for p in g["params"]]
-        state = {}
-        for i, st in sd["state"].items():
-            p = params[int(i)]
-            state[i] = {
-                k: distribute_tensor(v, p.device_mesh, p.placements) if hasattr(p, "device_mesh") and v.dim() > 0 else v
-                for k, v in st.items()
-            }
-        sd = {**sd, "state": state}
-    opt.load_state_dict(sd)
+    s = setup
+    for opt in s.optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor
+    micro = [task.batch(data_gen, s.device) for _ in range(s.accum)]  # token ids only: small
+    tokens = int(s.parallel.sum(torch.tensor(sum(n for _, n in micro))).item())  # all ranks (int64)
+    scale = s.parallel.grad_average / max(1, tokens)
+    loss_sum = torch.zeros((), device=s.device)
+    aux_sums = {}
+    for i, (batch, _) in enumerate(micro):
+        with s.parallel.no_sync(i == s.accum - 1), s.autocast():
+            nats, _ = task.loss(s.compiled, batch)
+            aux = moe.aux_losses(s.model)  # MoE router losses {name: (coef, value)}; {} for dense models
+        objective = nats * scale + sum(c * v for c, v in aux.values()) / s.accum
+        (s.scaler.scale(objective) if s.scaler is not None else objective).backward()
+        loss_sum += nats.detach()
+        aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / s.accum for k, (_, v) in aux.items()}
+    _optimizer_step(s)
+    return StepResult(loss_sum / max(1, tokens), tokens, aux_sums)
 
 
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _optimizer_step(s: Setup) -> None:
+    """Unscale (fp16), clip, step every optimizer, zero the gradients."""
+    if s.scaler is not None:
+        for opt in s.optimizers:
+            s.scaler.unscale_(opt)
+    if s.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
+    for opt in s.optimizers:
+        s.scaler.step(opt) if s.scaler is not None else opt.step()
+    if s.scaler is not None:
+        s.scaler.update()
+    for opt in s.optimizers:
+        opt.zero_grad(set_to_none=True)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    if not path.is_file():
-        return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
+# --- log, evaluate, checkpoint ----------------------------------------------------------------------
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+class Reporter:
+    """The log lines and metrics records of a run: steps (loss, lr, throughput, MFU, ETA) and evaluations."""
+
+    def __init__(self, run_dir: Path, task: Task, setup: Setup, state: RunState, tc, log):
+        self.tc, self.log, self.parallel = tc, log, setup.parallel
+        self.metrics = MetricsWriter(run_dir, setup.parallel.is_main, tc.tensorboard, log)
+        self.flops_per_token = task.flops_per_token()
+        # MFU denominator: never below what the run reaches
+        self.peak = PeakFlops(setup.device, setup.precision, log) if self.flops_per_token else None
+        self._since = (state.tokens, state.elapsed)  # throughput is measured from the last logged step
+
+    def step(self, state: RunState, result: StepResult, lr_factor: float) -> None:
+        loss = self.parallel.sum(result.loss).item()  # the step's token mean; the one sync per logged step
+        rate = (state.tokens - self._since[0]) / max(1e-9, state.elapsed - self._since[1])  # tokens per training s
+        self._since = (state.tokens, state.elapsed)
+        p = state.progress(self.tc)
+        eta = state.elapsed * (1 - p) / p if p > 0 else 0.0
+        mfu = self.peak.mfu(rate * self.flops_per_token / self.parallel.info.world) if self.peak else None
+        extra = moe.training_metrics(self.parallel.model, result.aux)  # router losses and load; {} for dense
+        lr = self.tc.lr * lr_factor
+        rec = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "tokens_per_s": rate}
+        rec["elapsed"] = round(state.elapsed, 2)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        self.metrics.write({**rec, **extra})
+        self.log(
+            f"step {state.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s"
+            + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "")
+            + f" | {100 * p:5.1f}% | ETA {fmt_time(eta)}"
+            + moe.describe(extra)
+        )
+
+    def eval(self, state: RunState, res: dict, line: str) -> None:
+        self.metrics.write({**res, "step": state.step, "tokens": state.tokens, "elapsed": round(state.elapsed, 2)})
+        self.log(f"eval step {state.step}: {line}")
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def validate(task: Task, setup: Setup, state: RunState, report: Reporter) -> dict:
+    """Evaluate (every rank: a sharded model needs them all), report, and show a sample when the model can
+    generate alone. Returns the task's validation metrics."""
+    res = task.evaluate(setup.model, setup.device, setup.autocast, forward=setup.compiled)
+    report.eval(state, res, task.format_eval(res))
+    tc = report.tc
+    if tc.sample_tokens and setup.parallel.can_generate:
+        setup.model.eval()
+        with setup.autocast():
+            sample = task.sample(setup.model, state.step)
+        setup.model.train()
+        report.log("sample: " + sample.strip("\n")[:600])
+    return res
+
+
+def save(setup: Setup, state: RunState, run_dir: Path, tc, val_loss: float | None = None) -> None:
+    """Write a checkpoint of the run (rank 0 writes; every rank takes part in gathering sharded state)."""
+    state.note_val_loss(val_loss)
+    trainer_state = {
+        **state.to_dict(),
+        "optimizers": [setup.parallel.full_optimizer_state(o) for o in setup.optimizers],
+        "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
+        "rng": global_rng_state(),
+    }
+    full_model = setup.parallel.full_model()
+    if setup.parallel.is_main:
+        save_checkpoint(run_dir, full_model, trainer_state, keep=tc.keep_checkpoints, val_loss=val_loss)
+    setup.parallel.barrier()
+
+
+def restore(setup: Setup, saved: dict, run_dir: Path, log) -> RunState:
+    """Load a checkpoint's trainer state (the weights are in already): optimizers, scaler, RNGs, the run state."""
+    for opt, sd in zip(setup.optimizers, saved["optimizers"]):
+        setup.parallel.load_optimizer_state(opt, sd)
+    if setup.scaler is not None and saved.get("scaler"):
+        setup.scaler.load_state_dict(saved["scaler"])
+    set_global_rng_state(saved["rng"])
+    state = RunState.from_dict(saved)
+    if setup.parallel.is_main:
+        truncate_metrics(run_dir / METRICS, state.step)
+        remove_stale_temporaries(run_dir)
+    log(f"resuming {run_dir} at step {state.step} ({state.tokens:,} tokens, {state.elapsed:.0f}s)")
+    return state

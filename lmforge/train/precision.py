@@ -1,13 +1,15 @@
-"""Throughput accounting: model FLOPs per token, peak FLOP/s of the device, precision choice."""
+"""Throughput accounting: model FLOPs per token, peak FLOP/s of the device and MFU, precision choice.
+
+A CPU's peak is measured, not looked up: `measure_cpu_peak` times square matrix products for about
+half a second (whatever the CPU's speed), once per machine (lmforge.machine keeps the value and
+shares it between processes and torchrun ranks). `PeakFlops` keeps MFU honest: a run that achieves
+more than the stored peak re-measures it and raises it, so MFU never exceeds 100 %.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,18 +43,29 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6 * matmul_params + 12 * L * d * ctx
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when bf16 matrix multiplies are clearly faster than fp32 on this CPU, as measured here.
+PROBE_SECONDS = 0.5  # per precision: `--precision auto` and `lmforge bench matmul` measure fp32 and bf16
+PROBE_MAX_N = 4096
+BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware; without them bf16 is emulated
 
-    CPU flags are not enough (virtual machines may advertise instructions they emulate slowly),
-    so this compares the measured peaks; without native support bf16 is orders of magnitude slower.
+
+def cpu_has_native_bf16(log=None) -> bool:
+    """True when bf16 matrix multiplies are clearly faster than fp32 on this CPU.
+
+    A CPU without bf16 dot-product instructions (BF16_INSTRUCTIONS) is answered from its flags;
+    one with them is measured (once per machine, about 1 s, cached), because virtual machines may
+    advertise instructions they emulate slowly.
     """
-    fp32, bf16 = cpu_peak_flops("fp32"), cpu_peak_flops("bf16")
-    return bool(fp32 and bf16 and bf16 > 1.5 * fp32)
+    from ..machine import cpu_features
+
+    feats = cpu_features()
+    if feats and not any(feats.get(f) for f in BF16_INSTRUCTIONS):
+        return False
+    peaks = cpu_peaks(("fp32", "bf16"), log)
+    return bool(peaks["fp32"] and peaks["bf16"] and peaks["bf16"] > 1.5 * peaks["fp32"])
 
 
 def choose_precision(requested: str, device: torch.device) -> str:
-    """Resolve 'auto' to the fastest honest choice for the device."""
+    """Resolve 'auto' to the fastest honest choice for the device (a first-time CPU measurement says so on stderr)."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -62,74 +75,102 @@ def choose_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def _cache_file() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "lmforge" / "peak_flops.json"
+def measure_cpu_peak(precision: str = "fp32", seconds: float = PROBE_SECONDS, matmul=torch.matmul) -> float:
+    """Best matmul FLOP/s seen on this CPU in about `seconds`, with the current thread count.
 
-
-def _machine_key() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-
-
-def measure_cpu_peak(precision: str = "fp32", seconds: float = 1.0) -> float:
-    """Best matmul FLOP/s on this CPU with the current thread count (square matrices of a few sizes)."""
+    Square products from 64 x 64 up, doubling the size while the next size's first product is
+    predicted (at the best rate so far, n^3 work) to end within the budget, so a CPU that emulates
+    bf16 (hundreds of times slower) stops at small sizes instead of spending minutes. Each size is
+    timed on up to 3 products and the fastest counts: background load only ever slows a product
+    down. FLOPs of an n x n product: 2 n^3. matmul: injectable for tests.
+    """
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        reps, t0 = 0, time.perf_counter()
-        while True:
-            a @ b
-            reps += 1
+    deadline = time.perf_counter() + seconds
+    g = torch.Generator().manual_seed(0)
+    best, n = 0.0, 64
+    while True:
+        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+        for _ in range(3):
+            t0 = time.perf_counter()
+            matmul(a, b)
             dt = time.perf_counter() - t0
-            if dt > seconds / 3 or (reps >= 2 and dt > 0.05 and best > 0 and 2 * n**3 * reps / dt < best / 20):
-                break  # enough samples (or hopelessly slow: emulated bf16 can take seconds per multiply)
-        best = max(best, 2 * n**3 * reps / dt)
-    return best
+            best = max(best, 2 * n**3 / max(dt, 1e-9))
+            if time.perf_counter() + dt > deadline:
+                break
+        n *= 2
+        if n > PROBE_MAX_N or time.perf_counter() + 2 * n**3 / best > deadline:
+            return best
 
 
-def cpu_peak_flops(precision: str = "fp32", measure_if_missing: bool = True) -> float | None:
-    """The peak stored by `lmforge bench matmul` for this machine, measuring (about 1 s) if there is none."""
-    path, key = _cache_file(), _machine_key() + f"|{precision}"
-    try:
-        stored = json.loads(path.read_text())
-        if key in stored:
-            return float(stored[key])
-    except (OSError, json.JSONDecodeError, ValueError):
-        stored = {}
+def _peak_key(precision: str) -> str:
+    return f"matmul_peak/{precision}"
+
+
+def cpu_peaks(precisions=("fp32",), log=None, measure_if_missing: bool = True) -> dict[str, float | None]:
+    """{precision: peak matmul FLOP/s} for this machine from the cache, measuring what is missing
+    (about 0.5 s each, once per machine: concurrent processes wait for one measurement; lmforge.machine)."""
+    from .. import machine
+
     if not measure_if_missing:
-        return None
-    return store_cpu_peak(measure_cpu_peak(precision), precision)
+        return {p: machine.read(_peak_key(p)) for p in precisions}
+    names = " and ".join(precisions)
+    found = machine.measure_once(
+        {_peak_key(p): (lambda p=p: measure_cpu_peak(p)) for p in precisions},
+        f"measuring this CPU's {names} matmul peak (once per machine, about {len(precisions) * PROBE_SECONDS:.1f} s; "
+        f"cached in {machine.cache_path()})",
+        log,
+    )
+    return {p: found[_peak_key(p)] for p in precisions}
+
+
+def cpu_peak_flops(precision: str = "fp32", measure_if_missing: bool = True, log=None) -> float | None:
+    """The stored matmul peak of this machine for a precision, measuring (about 0.5 s) if there is none."""
+    return cpu_peaks((precision,), log, measure_if_missing)[precision]
 
 
 def store_cpu_peak(value: float, precision: str = "fp32") -> float:
-    from ..io import write_json_atomic
+    """Keep the larger of `value` and the stored peak (a peak is a maximum: a busy moment only lowers a
+    measurement); returns the stored peak."""
+    from .. import machine
 
-    path, key = _cache_file(), _machine_key() + f"|{precision}"
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        stored = {}
-    stored[key] = value
-    try:
-        write_json_atomic(path, stored)
-    except OSError:
-        pass  # a read-only home is fine: we measure again next time
-    return value
+    return machine.update(_peak_key(precision), lambda old: max(value, old or 0.0))
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
+class PeakFlops:
+    """The peak FLOP/s a run's MFU divides by. MFU = achieved / peak, never above 1.
+
+    On a CPU the peak is measured, so a run can observe more than the stored value (measured on a
+    busy moment, or by a probe cut short); the first time it does, the peak is measured again and
+    the stored value becomes the larger of that and what the run achieved (later overshoots just
+    raise it). Published GPU peaks are clipped at 100 %.
+    """
+
+    def __init__(self, device: torch.device, precision: str, log=None):
+        self.device, self.precision, self.log = device, precision, log
+        self.value = peak_flops(device, precision)
+        self._remeasured = False
+
+    def mfu(self, achieved: float) -> float | None:
+        """Model FLOPs utilisation for `achieved` FLOP/s per device (None when the peak is unknown)."""
+        if not self.value:
+            return None
+        if achieved > self.value and self.device.type == "cpu":
+            remeasure, self._remeasured = not self._remeasured, True
+            fresh = measure_cpu_peak(self.precision) if remeasure else 0.0
+            old = self.value
+            self.value = store_cpu_peak(max(achieved, fresh), self.precision)
+            if remeasure:
+                (self.log or print)(
+                    f"note: this run reached {achieved / 1e9:,.1f} GFLOP/s, above the stored {self.precision} peak "
+                    f"{old / 1e9:,.1f}; re-measured {fresh / 1e9:,.1f}, peak now {self.value / 1e9:,.1f} GFLOP/s"
+                )
+        return min(1.0, achieved / self.value)
+
+
+def peak_flops(device: torch.device, precision: str, log=None) -> float | None:
+    """Peak FLOP/s of the device at a precision: measured once per machine on a CPU, published for known GPUs."""
     if device.type == "cpu":
-        return cpu_peak_flops(precision)
+        return cpu_peak_flops(precision, log=log)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for frag, peaks in GPU_PEAKS.items():

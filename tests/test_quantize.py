@@ -1,0 +1,154 @@
+"""CPU inference kernels (lmforge.inference.quantize): every kernel equals plain fp32 within its dtype's
+tolerance, each option picks a kernel this CPU can run, and a CPU without oneDNN's packed bf16 path
+(AVX2-only) is simulated here by making that path fail the way it fails there."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.inference import quantize as Q
+from lmforge.inference.engine import generate_tokens
+from lmforge.models import build_model
+
+# max |logit - fp32 logit| allowed per kernel on the toy model (logits of size ~1-3)
+TOLERANCE = {
+    "onednn": 1e-4,
+    "transposed": 1e-4,
+    "linear": 0.0,
+    "bf16-onednn": 0.2,
+    "bf16-transposed": 0.2,
+    "bf16-linear": 0.2,
+    "int8": 0.3,
+    "int8-dynamic": 0.5,
+}
+AVX2_ERROR = (
+    "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, d_model=32, **kw)).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_trials():
+    """Kernel trials are cached per process; tests that break a kernel must not leak into others."""
+    Q.kernel_available.cache_clear()
+    yield
+    Q.kernel_available.cache_clear()
+
+
+@pytest.fixture
+def no_packed_bf16(monkeypatch):
+    """This CPU as an AVX2-only one looks to PyTorch: oneDNN refuses to pack bf16 weights (fp32 still packs)."""
+    real = torch.ops.mkldnn._reorder_linear_weight
+
+    def reorder(w, *a):
+        if w.dtype == torch.bfloat16:
+            raise RuntimeError(AVX2_ERROR)
+        return real(w, *a)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder)
+
+
+def test_every_option_has_kernels():
+    assert set(Q.KERNELS) == set(Q.QUANTIZE)
+    assert set(TOLERANCE) == {k for ks in Q.KERNELS.values() for k in ks}
+
+
+@pytest.mark.parametrize("kernel", list(TOLERANCE))
+@torch.no_grad()
+def test_each_kernel_equals_fp32(kernel, monkeypatch):
+    """Forced onto the toy model (fp32 layouts normally skip layers this small), every kernel this CPU
+    runs matches nn.Linear; one it cannot run is refused in one line, never run."""
+    quantize = next(q for q, ks in Q.KERNELS.items() if kernel in ks)
+    monkeypatch.setattr(Q, "PACK_MIN_WEIGHTS", 0)
+    ref_model, model = tiny_model(), tiny_model()
+    why = Q.kernel_available(kernel)
+    if why is not None:  # e.g. bf16-onednn on an AVX2-only CPU
+        with pytest.raises(LmforgeError, match="cannot run on this CPU") as e:
+            Q.pack_for_inference(model, quantize, kernel=kernel)
+        assert "\n" not in str(e.value)
+        assert kernel not in Q.available_kernels(quantize)
+        return
+    Q.pack_for_inference(model, quantize, kernel=kernel)
+    swapped = kernel != "linear"
+    assert any(isinstance(m, nn.Linear) for m in model.modules()) != swapped
+    x = torch.randint(0, 97, (3, 20))
+    ref, out = ref_model(x), model(x)
+    assert (out - ref).abs().max() <= TOLERANCE[kernel]
+    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
+    if quantize == "none":  # fp32 layouts: greedy decoding is unchanged
+        want = list(generate_tokens(ref_model, [1, 2, 3], 20, temperature=0.0))
+        assert list(generate_tokens(model, [1, 2, 3], 20, temperature=0.0)) == want
+
+
+@torch.no_grad()
+def test_bf16_kernels_agree_with_bf16_weights_reference(monkeypatch):
+    """bf16 kernels compute with bf16 weights: each is close to F.linear on bf16-rounded weights, far closer
+    than to fp32 (the option's reference is fp32 math on bf16 weights, not fp32 weights)."""
+    monkeypatch.setattr(Q, "PACK_MIN_WEIGHTS", 0)
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 384)
+    x = torch.randn(5, 256)
+    ref = torch.nn.functional.linear(x.bfloat16().float(), lin.weight.bfloat16().float(), lin.bias.bfloat16().float())
+    for kernel in Q.available_kernels("bf16"):
+        layer = Q._FACTORIES[kernel][0](lin)
+        err = (layer(x) - ref).abs().max() / ref.abs().max()
+        assert err < 0.01, (kernel, float(err))
+
+
+def test_options_choose_a_runnable_kernel():
+    for q in Q.QUANTIZE:
+        k = Q.choose_kernel(q)
+        assert k in Q.KERNELS[q] and Q.kernel_available(k) is None
+
+
+@torch.no_grad()
+def test_bf16_without_packed_kernel_falls_back(no_packed_bf16):
+    assert "avx512bw" in Q.kernel_available("bf16-onednn")
+    assert Q.kernel_available("onednn") is None  # fp32 packing still works on such CPUs
+    assert Q.choose_kernel("bf16") in ("bf16-transposed", "bf16-linear")
+    ref_model, model = tiny_model(), Q.pack_for_inference(tiny_model(), "bf16")
+    assert not any(isinstance(m, (nn.Linear, Q.PackedLinear)) for m in model.modules())
+    x = torch.randint(0, 97, (2, 16))
+    assert (model(x) - ref_model(x)).abs().max() < TOLERANCE["bf16-linear"]
+    with pytest.raises(LmforgeError, match="bf16-onednn cannot run on this CPU: mkldnn_reorder"):
+        Q.pack_for_inference(tiny_model(), "bf16", kernel="bf16-onednn")
+
+
+def test_cli_generate_bf16_without_packed_kernel(no_packed_bf16, tiny_run, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(
+        capsys, "generate", tiny_run, "--prompt", "1: the", "--quantize", "bf16", "--max-new-tokens", 5, "--seed", 1
+    )
+    assert code == 0 and out.startswith("1: the"), err
+
+
+def test_option_with_no_runnable_kernel_is_refused_in_one_line(monkeypatch, tiny_run, capsys):
+    from conftest import run_cli
+
+    def prepack(*a):
+        raise RuntimeError("Didn't find engine for operation quantized::linear_prepack NoQEngine")
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", prepack)
+    with pytest.raises(LmforgeError, match="--quantize int8-dynamic cannot run on this CPU: Didn't find engine"):
+        Q.pack_for_inference(tiny_model(), "int8-dynamic")
+    code, _, err = run_cli(capsys, "generate", tiny_run, "--prompt", "x", "--quantize", "int8-dynamic")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot run on this CPU" in err
+
+
+def test_unknown_quantization_and_kernel():
+    with pytest.raises(LmforgeError, match="unknown quantization"):
+        Q.pack_for_inference(tiny_model(), "int3")
+    with pytest.raises(LmforgeError, match="not one of --quantize bf16's"):
+        Q.pack_for_inference(tiny_model(), "bf16", kernel="int8")
+
+
+def test_small_fp32_layers_keep_nn_linear():
+    model = Q.pack_for_inference(tiny_model(), "none")  # every layer of the toy model is below PACK_MIN_WEIGHTS
+    assert all(not isinstance(m, (Q.PackedLinear, Q.DenseLinear)) for m in model.modules())
