@@ -47,9 +47,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
-    zero_init_proj: bool = (
-        False  # output projections of attention and MLP start at zero (each block starts as identity)
-    )
+    zero_init_proj: bool = False  # attention/MLP output projections start at 0: blocks start as identity
     # Mixture of Experts (models/moe.py): moe_experts > 0 replaces feed-forward layers by routed experts.
     moe_experts: int = 0  # routed experts per MoE layer; 0 = dense model
     moe_top_k: int = 2  # experts each token is sent to
