@@ -15,6 +15,7 @@ RANKS = {
     "lmforge": 0,  # the package root: only __version__ and lazy exports
     "errors": 0,
     "io": 0,
+    "machine": 0,  # what this CPU can do, and the per-machine cache of measurements
     "config": 1,
     "data": 1,
     "models": 2,
