@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from .errors import LmforgeError
 # The choices of lmforge.inference.quantize.QUANTIZE, not imported from there: that loads torch.
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # lmforge.interop.gguf.DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,11 +79,31 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
 
+    ft = sub.add_parser(
+        "finetune",
+        help="chat fine-tuning: train a run on conversations into a new run (assistant-only loss, packed)",
+        epilog="Any train config field can be set as --key value, e.g. --max-steps 500 --lr 3e-4 --train-on all "
+        "--pack false. Defaults: lr 1e-3, batch 16 rows, 2 minutes.",
+    )
+    ft.add_argument("run", help="the run to start from (an lmforge run, or one imported with convert --from-hf)")
+    ft.add_argument(
+        "--data", help='conversations: .jsonl ({"messages": [{"role", "content"}, ...]} per line) or .parquet'
+    )
+    ft.add_argument("--demo", metavar="NAME", help="a built-in generated chat task instead of --data: colors, skills")
+    ft.add_argument(
+        "--chat-template", metavar="FILE", help="Jinja chat template (default: the run's own, or lmforge's)"
+    )
+    ft.add_argument("--config", help="TOML (or JSON) file with a [train] table")
+    ft.add_argument("--out", help="the new run directory (default RUN-chat, or the next free RUN-chat-N)")
+    ft.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
+
     ge = sub.add_parser(
         "generate", help="generate text from a trained run (continue a prompt, or map sources to outputs for seq2seq)"
     )
     ge.add_argument("run")
     ge.add_argument("--prompt", help="text to continue; omit for an interactive prompt loop")
+    ge.add_argument("--chat", action="store_true", help="an interactive chat in the run's chat template, with history")
+    ge.add_argument("--system", help="with --chat: a system message to start the conversation")
     ge.add_argument(
         "--source", help="seq2seq: the input to transform; omit (and --source-file) for an interactive loop"
     )
@@ -145,11 +169,19 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity, bits per byte and next-token accuracy of a run on some text "
+        help="loss, perplexity, bits per byte and next-token accuracy on some text, or benchmark tasks with "
+        "lm-evaluation-harness "
         "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
     ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
+    ev.add_argument(
+        "--tasks", help="lm-evaluation-harness task names, comma-separated (needs lmforge[eval]); results in RUN/eval/"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="--tasks: at most N documents per task (< 1: a share)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt")
+    ev.add_argument("--include-path", default=None, help="--tasks: a folder of your own task YAML files")
+    ev.add_argument("--batch-size", type=int, default=16, help="--tasks: sequences scored together")
     ev.add_argument("--demo", metavar="NAME", help="seq2seq: the held-out test split of a built-in demo task")
     ev.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
     ev.add_argument("--length-penalty", type=float, default=1.0)
@@ -191,11 +223,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("--device", default="auto")
 
-    cv = sub.add_parser("convert", help="convert between Hugging Face folders and lmforge runs")
+    cv = sub.add_parser("convert", help="convert between lmforge runs and Hugging Face folders or GGUF files")
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2, Llama or Mixtral folder to import")
-    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export")
-    cv.add_argument("--out", required=True, help="run directory (with --from-hf) or Hugging Face folder (with --to-hf)")
+    direction.add_argument("--to-hf", metavar="RUN", help="lmforge run directory to export as a Hugging Face folder")
+    direction.add_argument("--to-gguf", metavar="RUN", help="lmforge run directory to export as one GGUF file")
+    direction.add_argument("--from-gguf", metavar="FILE", help="llama or gpt2 GGUF file to import")
+    direction.add_argument(
+        "--consolidate",
+        metavar="RUN",
+        help="write RUN/model.safetensors from RUN's latest checkpoint (a sharded FSDP run's, in one process)",
+    )
+    cv.add_argument("--out", help="run directory (--from-*), Hugging Face folder (--to-hf) or .gguf file (--to-gguf)")
+    cv.add_argument(
+        "--dtype",
+        choices=GGUF_DTYPES,
+        default=None,
+        help="--to-gguf: f32, f16 (default; 1-D tensors stay f32) or q8_0 (8-bit blocks, gguf's own quantiser)",
+    )
+    p.verbs = sub.choices  # verb -> its parser, for "did you mean"
     return p
 
 
@@ -203,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     try:
-        if argv and argv[0] == "train" and not {"-h", "--help"} & set(argv):
-            args, extra = _split_train_args(parser, argv)
+        if argv and argv[0] in _OWN_OPTIONS and not {"-h", "--help"} & set(argv):
+            args, extra = _split_args(parser, argv)
         else:
-            args, extra = parser.parse_args(argv), []
+            args, extra = _parse(parser, argv), []
         if args.verb is None:
             parser.print_help()
             return 2
@@ -219,13 +265,86 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a path the user gave cannot be read or written: one line, unless it is a bug of ours
+        if e.errno not in _USER_ERRNOS or os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
 
 
-_TRAIN_OPTIONS = ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo")
+# OS errors that come from the user's files, disk or network settings rather than from a bug in lmforge
+# (by name: not every platform defines every code).
+_USER_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EACCES",
+        "EPERM",
+        "ENOENT",
+        "ENOTDIR",
+        "EISDIR",
+        "EEXIST",
+        "ENOTEMPTY",
+        "ENOSPC",
+        "EDQUOT",
+        "EFBIG",
+        "EROFS",
+        "ENAMETOOLONG",
+        "ELOOP",
+        "EIO",
+        "EADDRINUSE",
+        "EADDRNOTAVAIL",
+    )
+    if hasattr(errno, name)
+}
 
 
-def _split_train_args(parser, argv):
-    """Separate train's own options and DATA from the free-form --key value config overrides.
+def _os_error_line(e: OSError) -> str:
+    """'Permission denied: runs/x/config.json' (+ a hint for a full disk or a read-only place)."""
+    what = e.strerror or str(e)
+    where = f": {e.filename}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        where += f" -> {e.filename2}"
+    hint = {
+        errno.ENOSPC: " (the disk is full: free some space, then resume)",
+        getattr(errno, "EDQUOT", -1): " (disk quota exceeded)",
+        errno.EROFS: " (a read-only file system: choose another --out)",
+        errno.EADDRINUSE: " (another process listens there: choose another --port)",
+    }.get(e.errno, "")
+    return f"{what}{where}{hint}"
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown option gets "did you mean" among the options of its verb."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        verb = parser.verbs.get(getattr(args, "verb", None) or "", parser)
+        options = _option_strings(verb)
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=", 1)[0]
+        close = difflib.get_close_matches(flag, options, n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        verb.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --option of a parser and of its sub-commands (`tokenizer train`)."""
+    out = []
+    for action in parser._actions:
+        out += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _option_strings(sub)
+    return out
+
+
+_OWN_OPTIONS = {
+    "train": ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo"),
+    "finetune": ("--data", "--demo", "--chat-template", "--config", "--out", "--stop-after-steps"),
+}
+
+
+def _split_args(parser, argv):
+    """Separate a verb's own options and its positional argument from the free-form --key value config overrides.
 
     (argparse cannot do this itself: it would take an override's value for the DATA positional.)
     """
@@ -234,7 +353,7 @@ def _split_train_args(parser, argv):
     while i < len(argv):
         a = argv[i]
         name = a.split("=", 1)[0]
-        if name in _TRAIN_OPTIONS:
+        if name in _OWN_OPTIONS[argv[0]]:
             take = 1 if "=" in a else 2
             own += argv[i : i + take]
             i += take
@@ -246,8 +365,9 @@ def _split_train_args(parser, argv):
             positional.append(a)
             i += 1
     if len(positional) > 1:
-        raise LmforgeError(f"train takes one DATA path, got {len(positional)}: {' '.join(positional)}")
-    return parser.parse_args(["train", *own, *positional]), extra
+        what = "DATA path" if argv[0] == "train" else "RUN"
+        raise LmforgeError(f"{argv[0]} takes one {what}, got {len(positional)}: {' '.join(positional)}")
+    return parser.parse_args([argv[0], *own, *positional]), extra
 
 
 def _dispatch(args, extra):
@@ -257,6 +377,8 @@ def _dispatch(args, extra):
         return _prepare(args)
     if args.verb == "train":
         return _train(args, extra)
+    if args.verb == "finetune":
+        return _finetune(args, extra)
     if args.verb == "generate":
         return _generate(args)
     if args.verb == "eval":
@@ -279,7 +401,7 @@ def _data_spec(s: str | None):
 
 def _tokenizer(args):
     from .data.corpus import SkipCounter, corpus_documents, discover
-    from .data.tokenizer import Tokenizer
+    from .data.tokenizer import Tokenizer, vocab_shortfall
 
     if args.tok_verb != "train":
         raise LmforgeError("usage: lmforge tokenizer train DATA --vocab-size N --out tokenizer.json")
@@ -291,6 +413,8 @@ def _tokenizer(args):
         raise LmforgeError(f"no usable text in {args.data}")
     if skipped.files:
         print(f"warning: skipped {skipped.files} file(s) that are binary or not valid UTF-8", file=sys.stderr)
+    if note := vocab_shortfall(tok, args.vocab_size):
+        print(f"warning: {note}", file=sys.stderr)
     tok.save(args.out)
     print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}")
 
@@ -326,15 +450,15 @@ def _train(args, extra):
     if args.demo and args.task == "lm":
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
-    overrides = C.parse_overrides(extra, family)
-    from .train.loop import train  # torch: only once the arguments are known to be usable
-
+    overrides = C.parse_overrides(extra, family, cli_options=_OWN_OPTIONS["train"])
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
                 "--resume continues a run as it was configured; "
                 "it takes no data, task, demo, preset, config or overrides"
             )
+        from .train.loop import train  # torch: only once the arguments are known to be usable
+
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
         return _train_exit(result, args)
     if family == "seq2seq":
@@ -355,8 +479,45 @@ def _train(args, extra):
         budget_given |= {k for k in file_cfg.get("train", {}) if k in BUDGET_KEYS}
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
-    out = Path(args.out) if args.out else _free_run_dir(Path("runs") / name)
+    cfg.validate()  # sizes no machine can hold end here, before torch is even imported
+    run_name = Path(args.config).stem if args.config else name  # runs/small-llama for --config small-llama.toml
+    out = Path(args.out) if args.out else _free_run_dir(Path("runs") / run_name)
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
     result = train(cfg, out, data=data, stop_after_steps=args.stop_after_steps)
+    return _train_exit(result, args)
+
+
+def _finetune(args, extra):
+    from . import config as C
+    from .runs import load_config
+
+    if (args.data is None) == (args.demo is None):
+        raise LmforgeError("finetune needs --data CHATS (.jsonl or .parquet) or --demo NAME")
+    overrides = C.parse_overrides(extra, cli_options=_OWN_OPTIONS["finetune"])
+    C.check_finetune_overrides(overrides)
+    cfg = C.finetune_config(load_config(args.run))
+    budget_given = {k for sec in overrides.values() for k in sec if k in BUDGET_KEYS}
+    if args.config:
+        file_cfg = C.load_file(args.config)
+        C.check_finetune_overrides(file_cfg)
+        budget_given |= {k for k in file_cfg.get("train", {}) if k in BUDGET_KEYS}
+        cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
+    cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"cannot read chat template {args.chat_template}: {e}") from None
+    from .data.chat_data import ChatSource, chat_demo
+    from .train.loop import train  # torch: only once the arguments are known to be usable
+
+    if args.demo:
+        chat_demo(args.demo, "val")  # an unknown name fails here, before the model loads
+    source = ChatSource(Path(args.run), Path(args.data) if args.data else None, args.demo, template)
+    out = Path(args.out) if args.out else _free_run_dir(Path(f"{Path(args.run).resolve()}-chat"))
+    result = train(cfg, out, data=source, stop_after_steps=args.stop_after_steps)
     return _train_exit(result, args)
 
 
@@ -380,10 +541,12 @@ def _clear_budget(cfg, budget_given: set, d: dict) -> dict:
 
 
 def _free_run_dir(base: Path) -> Path:
-    if not (base / "model.safetensors").exists():
+    from .runs import WEIGHTS
+
+    if not (base / WEIGHTS).exists():
         return base
     n = 2
-    while (base.parent / f"{base.name}-{n}" / "model.safetensors").exists():
+    while (base.parent / f"{base.name}-{n}" / WEIGHTS).exists():
         n += 1
     return base.parent / f"{base.name}-{n}"
 
@@ -440,10 +603,33 @@ def _generate(args):
             sys.stdout.write("\n")
             sys.stdout.flush()
 
+    if args.chat:
+        return _chat(args, model, tok, SamplingParams(max_new_tokens, temperature, args.top_k, args.top_p, **extra))
     if args.prompt is not None:
         run_one(args.prompt)
         return
     _interactive("prompt", lambda prompt: run_one(prompt.replace("\\n", "\n")))
+
+
+def _chat(args, model, tok, params):
+    from .data.chat import load_chat_template
+    from .inference.chat_session import ChatSession
+
+    if args.prompt is not None or args.compile:
+        raise LmforgeError("--chat is interactive: it takes no --prompt (and no --compile)")
+    template = load_chat_template(args.run)
+    if template is None:
+        print("note: this run has no chat template; using the plain one (User: / Assistant:)", file=sys.stderr)
+    session = ChatSession(model, tok, template, params, system=args.system)
+
+    def reply(text: str):
+        for piece in session.say(text.replace("\\n", "\n")):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    _interactive("message", reply)
 
 
 def _interactive(what: str, handle) -> None:
@@ -490,6 +676,11 @@ def _eval(args):
     from .evaluation.perplexity import evaluate_text
     from .runs import load
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    if args.limit is not None or args.num_fewshot is not None or args.include_path is not None:
+        raise LmforgeError("--limit, --num-fewshot and --include-path go with --tasks")
+
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _eval_seq2seq(args, model, tok)
@@ -510,6 +701,24 @@ def _eval(args):
         from .models.moe import routing_table
 
         print("\n".join(routing_table(res["moe_routing"], model.config.moe_capacity_factor)))
+
+
+def _eval_tasks(args):
+    if args.data is not None or args.demo is not None or args.quantize is not None:
+        raise LmforgeError("--tasks runs benchmark tasks: it takes no --data, --demo or --quantize")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise LmforgeError("--tasks needs at least one task name")
+    if args.batch_size < 1 or (args.limit is not None and args.limit <= 0) or (args.num_fewshot or 0) < 0:
+        raise LmforgeError("--batch-size and --limit must be positive, --num-fewshot >= 0")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    from .evaluation import harness
+
+    results, path = harness.run_tasks(
+        args.run, tasks, limit, args.num_fewshot, args.include_path, args.batch_size, args.device
+    )
+    print(harness.results_table(results))
+    print(f"full results: {path}")
 
 
 def _plot(args):
@@ -542,14 +751,29 @@ def _bench(args):
 
 
 def _convert(args):
-    from .interop import hf as interop
+    from .interop import gguf, hf
 
+    if args.dtype is not None and not args.to_gguf:
+        raise LmforgeError("--dtype is for --to-gguf")
+    if args.consolidate:
+        from .train.checkpoint import consolidate
+
+        consolidate(args.consolidate)
+        return
+    if not args.out:
+        raise LmforgeError("convert needs --out (the run directory, Hugging Face folder or .gguf file to write)")
     if args.from_hf:
-        out = interop.from_hf(args.from_hf, args.out)
+        out = hf.from_hf(args.from_hf, args.out)
         print(f"converted {args.from_hf} -> lmforge run {out}")
-    else:
-        out = interop.to_hf(args.to_hf, args.out)
+    elif args.to_hf:
+        out = hf.to_hf(args.to_hf, args.out)
         print(f"converted {args.to_hf} -> Hugging Face folder {out}")
+    elif args.to_gguf:
+        out = gguf.to_gguf(args.to_gguf, args.out, args.dtype or "f16")
+        print(f"converted {args.to_gguf} -> GGUF file {out} ({out.stat().st_size / 1e6:.1f} MB, {args.dtype or 'f16'})")
+    else:
+        out = gguf.from_gguf(args.from_gguf, args.out)
+        print(f"converted {args.from_gguf} -> lmforge run {out}")
 
 
 def _eval_seq2seq(args, model, tok):

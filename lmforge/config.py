@@ -10,7 +10,10 @@ The model section is a `ModelConfig` (decoder-only LM, family "decoder") or a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -106,7 +109,25 @@ class ModelConfig:
         need(self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        need(self.block_size <= MAX_POSITIONS, f"block_size {self.block_size:,} is beyond {MAX_POSITIONS:,} positions")
         self._validate_moe(need)
+        _check_footprint(need, self.param_estimate())
+
+    def param_estimate(self) -> int:
+        """Parameters of the model this config describes, in closed form (norms and biases left out), without
+        building anything: embeddings (+ an untied head, + learned positions) and n_layer blocks of attention and
+        feed-forward (or routed experts with their router)."""
+        d, L = self.d_model, self.n_layer
+        attn = d * (self.n_head + 2 * self.kv_heads) * self.head_dim + self.n_head * self.head_dim * d
+        mats = 3 if self.mlp in ("swiglu", "geglu") else 2  # gated MLPs have a third matrix
+        dense = mats * d * self.ff_dim
+        moe_layers = L // self.moe_every if self.moe_experts > 0 else 0
+        expert = mats * d * self.expert_dim
+        moe = self.moe_experts * (expert + d) + (expert if self.moe_shared_expert else 0)
+        blocks = L * attn + (L - moe_layers) * dense + moe_layers * moe
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        positions = self.block_size * d if self.pos in ("learned", "sinusoidal") else 0  # sinusoidal: a buffer
+        return blocks + embeddings + positions
 
     def _validate_moe(self, need) -> None:
         need(self.moe_experts >= 0, "moe_experts must be >= 0 (0 = dense)")
@@ -199,6 +220,44 @@ class Seq2SeqConfig:
             f"unknown mlp {self.mlp!r} (relu, gelu, gelu_tanh, swiglu, geglu, relu2)",
         )
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        need(self.max_len <= MAX_POSITIONS, f"max_len {self.max_len:,} is beyond {MAX_POSITIONS:,} positions")
+        _check_footprint(need, self.param_estimate())
+
+    def param_estimate(self) -> int:
+        """Parameters in closed form (norms and biases left out): embeddings (source, target unless shared, output
+        head unless tied, positions), encoder layers (self-attention, feed-forward) and decoder layers (self- and
+        cross-attention, feed-forward)."""
+        d = self.d_model
+        attn = 4 * d * d
+        ffn = (3 if self.mlp in ("swiglu", "geglu") else 2) * d * self.ff_dim
+        layers = self.n_encoder_layer * (attn + ffn) + self.n_decoder_layer * (2 * attn + ffn)
+        embeddings = self.src_vocab_size * d
+        embeddings += 0 if self.shared_vocab else self.tgt_vocab_size * d
+        embeddings += 0 if self.tie_embeddings else self.tgt_vocab_size * d
+        return layers + embeddings + self.max_len * d
+
+
+MAX_POSITIONS = 1 << 24  # longest context a config may ask for (16M tokens, past any published model's)
+WEIGHT_BYTES = 4  # models are built in fp32
+
+
+def machine_memory() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_footprint(need, params: int) -> None:
+    """The weights alone must fit in this machine's memory: a model is built in fp32 on the host first."""
+    memory = machine_memory()
+    size = params * WEIGHT_BYTES
+    need(
+        memory is None or size <= memory,
+        f"about {params:.3g} parameters need {size / 1e9:,.1f} GB for their fp32 weights alone, "
+        f"more than this machine's {(memory or 0) / 1e9:,.1f} GB of memory",
+    )
 
 
 FAMILIES = {"decoder": ModelConfig, "seq2seq": Seq2SeqConfig}
@@ -248,6 +307,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     parallel: str = "ddp"  # ddp | fsdp, used under torchrun with more than one process
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    # chat fine-tuning (lmforge finetune)
+    train_on: str = "assistant"  # assistant: loss on the assistant's replies only | all: on every token
+    pack: bool = True  # several conversations per row (attention and positions reset at each); False: one, padded
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -255,7 +317,7 @@ class TrainConfig:
                 raise LmforgeError(f"invalid train config: {msg}")
 
         need(self.batch_size > 0, "batch_size must be positive")
-        need(self.seq_len is None or self.seq_len > 0, "seq_len must be positive")
+        need(self.seq_len is None or 0 < self.seq_len <= MAX_POSITIONS, f"seq_len must be in 1..{MAX_POSITIONS:,}")
         for name in ("max_steps", "max_tokens", "max_time", "tokens_per_step"):
             v = getattr(self, name)
             need(v is None or v > 0, f"{name} must be positive")
@@ -280,6 +342,7 @@ class TrainConfig:
         need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r} (ddp, fsdp)")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
+        need(self.train_on in ("assistant", "all"), f"unknown train_on {self.train_on!r} (assistant, all)")
 
 
 @dataclass
@@ -425,12 +488,44 @@ SEQ2SEQ_PRESETS: dict[str, tuple[str, dict, dict]] = {
 
 _PRESET_TABLES = {"decoder": PRESETS, "seq2seq": SEQ2SEQ_PRESETS}
 
+# Training settings of `lmforge finetune` (the model is the base run's): a lower learning rate than
+# pretraining, short warmup, frequent evaluation; the budget is replaced by any the user gives.
+FINETUNE_TRAIN = dict(
+    batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_interval=50, eval_batches=8, max_time=120
+)
+
+
+FINETUNE_MODEL_KEYS = ("dropout",)  # the model is the base run's; only these of its fields may change
+
+
+def finetune_config(base: Config) -> Config:
+    """The config `lmforge finetune` starts from: the base run's model, FINETUNE_TRAIN for training.
+
+    Raises LmforgeError for a base run that is not a decoder."""
+    if base.family != "decoder":
+        raise LmforgeError("chat fine-tuning needs a decoder (language model) run, not a seq2seq one")
+    return Config(model=base.model, train=_build(TrainConfig, FINETUNE_TRAIN, "train"))
+
+
+def check_finetune_overrides(d: dict) -> None:
+    """Fine-tuning keeps the base run's architecture: model keys other than FINETUNE_MODEL_KEYS are an error."""
+    fixed = sorted(set(d.get("model", {})) - set(FINETUNE_MODEL_KEYS))
+    if fixed:
+        raise LmforgeError(f"fine-tuning keeps the base run's model: --{fixed[0]} cannot be changed")
+
 
 def preset(name: str, family: str = "decoder") -> Config:
     table = _PRESET_TABLES[family]
     if name not in table:
-        task = "" if family == "decoder" else f" for --task {family}"
-        raise LmforgeError(f"unknown preset {name!r}{task}; available: {', '.join(table)}")
+        if name in SEQ2SEQ_PRESETS:
+            raise LmforgeError(f"preset {name!r} is an encoder–decoder preset: use it with --task seq2seq")
+        if name in PRESETS:
+            raise LmforgeError(f"preset {name!r} is a language-model preset: leave out --task seq2seq and --demo")
+        close = difflib.get_close_matches(name, [*PRESETS, *SEQ2SEQ_PRESETS], n=1)
+        raise LmforgeError(
+            f"unknown preset {name!r}{_did_you_mean(close, '')}; language models: {', '.join(PRESETS)}; "
+            f"seq2seq (--task seq2seq): {', '.join(SEQ2SEQ_PRESETS)}"
+        )
     _, m, t = table[name]
     return Config(model=_build(FAMILIES[family], m, "model"), train=_build(TrainConfig, t, "train"))
 
@@ -466,11 +561,13 @@ def merge(cfg: Config, d: dict) -> Config:
     return Config.from_dict(out, cfg.family)
 
 
-def parse_overrides(args: list[str], family: str = "decoder") -> dict:
+def parse_overrides(args: list[str], family: str = "decoder", cli_options: tuple[str, ...] = ()) -> dict:
     """Turn ['--n_layer', '4', '--train.lr=1e-3', '--max-steps', '10'] into {'model': {...}, 'train': {...}}.
 
     Values are strings here; they are converted to the field's type by `_build`.
-    A bare key is looked up in both sections (the model section of `family`) and must name exactly one field.
+    A bare key is looked up in both sections (the model section of `family`) and must name exactly one field;
+    an unknown one gets "did you mean" among the fields, the names other tools give them (--learning-rate),
+    and cli_options (the command's own options, e.g. --resume).
     """
     out: dict[str, dict] = {"model": {}, "train": {}}
     i = 0
@@ -496,7 +593,9 @@ def parse_overrides(args: list[str], family: str = "decoder") -> dict:
             name = key
             owners = [s for s, c in (("model", FAMILIES[family]), ("train", TrainConfig)) if name in _field_names(c)]
             if not owners:
-                raise LmforgeError(f"unknown option --{key.replace('_', '-')}")
+                known = _field_names(FAMILIES[family]) | _field_names(TrainConfig)
+                hint = _did_you_mean(_suggest(name, known, cli_options), "--")
+                raise LmforgeError(f"unknown option --{key.replace('_', '-')}{hint}")
             if len(owners) > 1:
                 raise LmforgeError(f"option --{key} is ambiguous; write --model.{key} or --train.{key}")
             section = owners[0]
@@ -508,13 +607,73 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
+# Names other tools (nanoGPT, transformers, litgpt, torchtitan) give our fields, for "did you mean".
+ALIASES = {
+    "learning_rate": "lr",
+    "max_lr": "lr",
+    "n_embd": "d_model",
+    "hidden_size": "d_model",
+    "dim": "d_model",
+    "n_layers": "n_layer",
+    "num_layers": "n_layer",
+    "num_hidden_layers": "n_layer",
+    "n_heads": "n_head",
+    "num_heads": "n_head",
+    "num_attention_heads": "n_head",
+    "n_kv_heads": "n_kv_head",
+    "num_key_value_heads": "n_kv_head",
+    "intermediate_size": "d_ff",
+    "ffn_dim": "d_ff",
+    "n_positions": "block_size",
+    "context_length": "block_size",
+    "max_position_embeddings": "block_size",
+    "max_seq_len": "block_size",
+    "seq_length": "seq_len",
+    "max_iters": "max_steps",
+    "steps": "max_steps",
+    "warmup_iters": "warmup_steps",
+    "micro_batch_size": "batch_size",
+    "max_grad_norm": "grad_clip",
+    "clip_grad": "grad_clip",
+    "dtype": "precision",
+    "eval_iters": "eval_batches",
+    "eval_every": "eval_interval",
+    "log_every": "log_interval",
+    "save_every": "checkpoint_interval",
+    "rms_norm_eps": "norm_eps",
+    "layer_norm_epsilon": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings",
+    "num_experts": "moe_experts",
+    "num_local_experts": "moe_experts",
+    "num_experts_per_tok": "moe_top_k",
+}
+
+
+def _suggest(name: str, known: set[str], extra: tuple[str, ...] = ()) -> list[str]:
+    """Up to three known names close to `name` (difflib), through ALIASES; extra: further names, as written."""
+    name = name.replace("-", "_")
+    candidates = {k: k for k in known}
+    candidates.update({a: f for a, f in ALIASES.items() if f in known})
+    candidates.update({e.lstrip("-").replace("-", "_"): e for e in extra})
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    return list(dict.fromkeys(candidates[c] for c in close))
+
+
+def _did_you_mean(names: list[str], prefix: str) -> str:
+    if not names:
+        return ""
+    shown = [n if n.startswith("-") else prefix + n for n in names]
+    return f" (did you mean {' or '.join(shown)}?)"
+
+
 def _build(cls, values: dict, section: str):
     if not isinstance(values, dict):
         raise LmforgeError(f"config section {section!r} must be a table")
     known = _field_names(cls)
     unknown = set(values) - known
     if unknown:
-        raise LmforgeError(f"unknown {section} config key(s): {', '.join(sorted(unknown))}")
+        hint = _did_you_mean(_suggest(min(unknown), known), "") if len(unknown) == 1 else ""
+        raise LmforgeError(f"unknown {section} config key(s): {', '.join(sorted(unknown))}{hint}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _convert(v, hints[k], f"{section}.{k}") for k, v in values.items()}
     return cls(**kwargs)
@@ -542,23 +701,27 @@ def _convert(value, hint, name):
             if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
                 return False
             raise ValueError
-        if base is int:
+        if base is int:  # an integer, also written 1e6 or 4096.0; never inf, nan or 1e400 (which is inf)
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, float):
-                if value != int(value):
+            number = value
+            if isinstance(number, str):
+                try:
+                    return int(number)
+                except ValueError:
+                    number = float(number)
+            if isinstance(number, float):
+                if not math.isfinite(number) or number != int(number):
                     raise ValueError
-                return int(value)
-            if isinstance(value, str):
-                f = float(value)
-                if f != int(f):
-                    raise ValueError
-                return int(f)
-            return int(value)
+                return int(number)
+            return int(number)
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if base is str:
             if not isinstance(value, str):
                 raise ValueError
@@ -569,8 +732,8 @@ def _convert(value, hint, name):
             if not isinstance(value, dict):
                 raise ValueError
             return value
-    except (ValueError, TypeError, json.JSONDecodeError):
-        tname = getattr(base, "__name__", str(base))
+    except (ValueError, TypeError, OverflowError, json.JSONDecodeError):
+        tname = "a finite float" if base is float else getattr(base, "__name__", str(base))
         raise LmforgeError(f"config value {name} must be {tname}, got {value!r}") from None
     return value
 

@@ -14,7 +14,12 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     try:

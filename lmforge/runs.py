@@ -9,6 +9,9 @@ runs/NAME/data.json          what the run trained on (the prepared shards, or th
 runs/NAME/checkpoints/step_NNNNNNN/, best/   model.safetensors, trainer_state.pt (optimizer, step, RNG states;
                              torch.load(weights_only=True)) and manifest.json (sizes and hashes): see
                              lmforge/train/checkpoint.py
+runs/NAME/chat_template.jinja     optional: the chat template (Hugging Face conventions), or a
+                             `chat_template` in runs/NAME/tokenizer_config.json
+runs/NAME/eval/              benchmark results (`lmforge eval --tasks`), one JSON file per evaluation
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
 DATA_INFO = "data.json"  # where a run's training data is (the shards, or a pairs file / demo), for --resume
+CHAT_TEMPLATE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+EVAL_DIR = "eval"
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:

@@ -1,5 +1,10 @@
+import os
 import random
 from pathlib import Path
+
+# Tests never download: the Hugging Face hub and datasets libraries stay offline (set before they are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
@@ -81,3 +86,16 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+LLAMA_ARGS = ["--pos", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--n_kv_head", "1", "--bias", "false"]
+
+
+@pytest.fixture(scope="session")
+def llama_run(tmp_path_factory, corpus_dir) -> Path:
+    """A Llama-style run (RoPE, RMSNorm, SwiGLU, multi-query, untied head) trained for a few steps."""
+    out = tmp_path_factory.mktemp("runs") / "llama"
+    extra = [*LLAMA_ARGS, "--tie_embeddings", "false", "--eval_interval", "30", "--sample_tokens", "0"]
+    code = main(["train", str(corpus_dir), "--out", str(out), "--max-steps", "30", *TINY_ARGS, *extra])
+    assert code == 0
+    return out

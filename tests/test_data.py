@@ -135,3 +135,24 @@ def test_large_file_is_streamed(tmp_path, small_tokenizer, monkeypatch):
     assert len(small_tokenizer.decode(train.tolist()) + small_tokenizer.decode(val.tolist())) == len(text) + len(
         "<|endoftext|>"
     )
+
+
+@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+def test_prepare_with_a_llama_tokenizer_keeps_the_text(tmp_path, style):
+    """A long document is cut into pieces encoded apart; with a ▁ tokenizer no piece may open with a space the
+    document does not have (each piece's tokens spell exactly its text)."""
+    from tokenizer_families import llama
+
+    from lmforge.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(llama(style))
+    (tmp_path / "c").mkdir()
+    doc = "".join(f"line {i}: hello world\n" + ("    indented\n" if i % 7 == 0 else "") for i in range(2500))
+    (tmp_path / "c" / "a.txt").write_text(doc, encoding="utf-8")
+    prepare(tmp_path / "c", tok, tmp_path / "s", val_fraction=0.1, progress=False)
+    lines = []
+    for split in ("train", "val"):
+        ids = [int(i) for i in read_shard(tmp_path / "s" / f"{split}_0000.bin") if i != tok.eos_id]
+        lines += b"".join(tok.token_bytes(i) for i in ids).decode().splitlines()  # every token as inside a text
+    lines[0] = lines[0].removeprefix(" ")  # the document's first token opens it: its ▁ is the tokenizer's own
+    assert sorted(lines) == sorted(doc.splitlines())

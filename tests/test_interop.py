@@ -260,3 +260,33 @@ def test_mixtral_config_mapping(tmp_path, small_tokenizer):
     back = json.loads((interop.to_hf(run, tmp_path / "hf2") / "config.json").read_text())
     assert back["router_aux_loss_coef"] == pytest.approx(0.02) and back["sliding_window"] == 16
     assert back["architectures"] == ["MixtralForCausalLM"] and back["num_local_experts"] == 4
+
+
+def test_exported_folder_works_with_no_extra_arguments(tiny_run, tmp_path, capsys):
+    """AutoTokenizer, AutoModelForCausalLM and pipeline("text-generation") take the folder as it is; greedy text
+    from the pipeline equals `lmforge generate --greedy`."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        (run / f).write_bytes((tiny_run / f).read_bytes())
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (run / "chat_template.jinja").write_text(template)
+    hf_dir = interop.to_hf(run, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ours = load(run)[1]
+    assert tok.eos_token == ours.eos_token and tok.pad_token_id == ours.eos_id and tok.model_max_length == 64
+    text = "1: the cat sees  the moon.\n\t<|endoftext|>ünï 42"
+    assert tok.encode(text) == ours.encode(text) and tok.decode(tok.encode(text)) == text
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "user: hi\nassistant:"
+    gen = transformers.GenerationConfig.from_pretrained(hf_dir)
+    assert gen.eos_token_id == ours.eos_id and gen.max_length == 64
+
+    pipe = transformers.pipeline("text-generation", model=str(hf_dir), device="cpu")
+    for prompt in ("1: the", "4: a child likes"):
+        theirs = pipe(prompt, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+        code, out, err = run_cli(capsys, "generate", run, "--prompt", prompt, "--max-new-tokens", 20, "--greedy")
+        assert code == 0, err
+        assert out == theirs + "\n"
+    # and the chat template comes back on import
+    back = interop.from_hf(hf_dir, tmp_path / "back")
+    assert (back / "chat_template.jinja").read_text() == template

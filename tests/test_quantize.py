@@ -2,6 +2,8 @@
 tolerance, each option picks a kernel this CPU can run, and a CPU without oneDNN's packed bf16 path
 (AVX2-only) is simulated here by making that path fail the way it fails there."""
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -34,8 +36,10 @@ def tiny_model(**kw):
 
 
 @pytest.fixture(autouse=True)
-def fresh_trials():
-    """Kernel trials are cached per process; tests that break a kernel must not leak into others."""
+def fresh_trials(tmp_path_factory, monkeypatch):
+    """Kernel trials are cached per process; tests that break a kernel must not leak into others.
+    Timed kernel choices go to a cache of this module's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "quantize-cache"))
     Q.kernel_available.cache_clear()
     yield
     Q.kernel_available.cache_clear()
@@ -102,9 +106,41 @@ def test_bf16_kernels_agree_with_bf16_weights_reference(monkeypatch):
 
 
 def test_options_choose_a_runnable_kernel():
+    model = build_model(ModelConfig(vocab_size=128, block_size=16, n_layer=1, n_head=4, d_model=512)).eval()
     for q in Q.QUANTIZE:
-        k = Q.choose_kernel(q)
-        assert k in Q.KERNELS[q] and Q.kernel_available(k) is None
+        for k in (Q.choose_kernel(q), Q.choose_kernel(q, model, log=lambda _: None)):
+            assert k in Q.KERNELS[q] and Q.kernel_available(k) is None
+
+
+def test_kernel_choice_is_timed_once_and_kept(tmp_path, monkeypatch):
+    """The fastest runnable kernel wins; the timing runs once per machine and layer shapes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    timed = []
+
+    def measure(kernels, layers, seconds=Q.MEASURE_SECONDS):
+        timed.append(list(kernels))
+        return {k: (0.001 if k == kernels[-1] else 0.002) for k in kernels}  # the last one is fastest
+
+    monkeypatch.setattr(Q, "measure_kernels", measure)
+    notes = []
+    first = Q.pack_for_inference(tiny_model(), "bf16", log=notes.append)
+    second = Q.pack_for_inference(tiny_model(), "bf16", log=notes.append)
+    usable = Q.available_kernels("bf16")
+    assert timed == [usable] and len(notes) == 1 and "timing" in notes[0]
+    want = {"bf16-linear": (Q.DenseLinear, False), "bf16-transposed": (Q.DenseLinear, True)}[usable[-1]]
+    for model in (first, second):
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Q.DenseLinear, Q.PackedLinear))]
+        assert all(type(m) is want[0] and m.transposed == want[1] for m in layers)
+
+
+def test_measure_kernels_is_bounded():
+    torch.manual_seed(0)
+    layers = [nn.Linear(1024, 1024), nn.Linear(1024, 4096), nn.Linear(4096, 1024)]
+    kernels = Q.available_kernels("none") + Q.available_kernels("bf16")
+    t0 = time.perf_counter()
+    times = Q.measure_kernels(kernels, layers, seconds=0.3)
+    assert time.perf_counter() - t0 < 1.5  # 0.3 s of passes, plus building each kernel's layers
+    assert set(times) == set(kernels) and all(0 < t < 0.1 for t in times.values())
 
 
 @torch.no_grad()

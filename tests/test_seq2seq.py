@@ -200,6 +200,8 @@ def test_cli_train_generate_eval(tmp_path, capsys, pairs_file):
     code, out, err = run_cli(capsys, "train", "--demo", "sort", "--out", run, "--max-steps", 8, *TINY_S2S_ARGS)
     assert code == 0, err
     assert "eval step 8: val loss" in out and "exact match" in out and "sample: " in out
+    held_out = len(pairs.demo("sort").pairs("val"))
+    assert f"validation on 16 of the {held_out:,} held-out pairs" in out  # eval_batches 1 x batch_size 16
     for f in (
         "config.json",
         "tokenizer.json",
@@ -276,7 +278,7 @@ def test_cli_bad_inputs(tmp_path, capsys, tiny_run, learned_run):
         (["train", "--demo", "nope", "--out", tmp_path / "o3"], "unknown demo 'nope'"),
         (["train", "--task", "seq2seq", "--out", tmp_path / "o4"], "needs DATA"),
         (["train", "--task", "lm", "--demo", "dates"], "--demo is a seq2seq task"),
-        (["train", "--demo", "dates", "--preset", "tiny"], "unknown preset 'tiny' for --task seq2seq"),
+        (["train", "--demo", "dates", "--preset", "tiny"], "preset 'tiny' is a language-model preset"),
         (["train", "--demo", "dates", "--n_layer", "3"], "unknown option --n-layer"),
         (["train", "--demo", "dates", "--seq_len", "8", "--out", tmp_path / "o5"], "seq_len does not apply"),
         (["generate", s2s_run, "--prompt", "a b"], "give --source"),

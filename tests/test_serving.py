@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import openai
 import pytest
@@ -252,7 +253,7 @@ BAD = [
     ("token ids out of range", "/v1/completions", {"model": NAME, "prompt": [1, 99999]}, "prompt"),
     ("n too large", "/v1/completions", {"model": NAME, "prompt": "x", "n": 17}, "n"),
     ("empty stop string", "/v1/completions", {"model": NAME, "prompt": "x", "stop": [""]}, "stop"),
-    ("unsupported echo", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}, "echo"),
+    ("echo+stream", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "stream": True}, "echo"),
     # a lone UTF-16 surrogate is valid JSON ("\ud800") but no character
     ("lone surrogate in prompt", "/v1/completions", {"model": NAME, "prompt": "ab\ud800cd", "max_tokens": 4}, "prompt"),
     (
@@ -511,3 +512,57 @@ def test_generate_cli_ends_its_line_when_interrupted(tiny_run, capsys, monkeypat
     monkeypatch.setattr(engine, "generate_stream", interrupted)
     code, out, err = run_cli(capsys, "generate", tiny_run, "--prompt", "1: the")
     assert code == 130 and out == "1: the a piece\n" and "interrupted" in err
+
+
+def test_echo_logprobs_score_the_prompt(server, model_tok):
+    """echo + logprobs + max_tokens 0 (what lm-eval's local-completions sends): each prompt token's log-probability
+    given the ones before it, the first null, token strings that concatenate to the text, offsets into it."""
+    port, _ = server
+    model, tok = model_tok
+    text = "1: the cat sees the moon.\n2: ünï"
+    ids = tok.encode(text)
+    for prompt in (text, ids):
+        status, body = raw(port, "POST", "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": 0,
+                                                               "echo": True, "logprobs": 2})  # fmt: skip
+        assert status == 200, body
+        (choice,) = body["choices"]
+        lp = choice["logprobs"]
+        assert choice["text"] == text and len(lp["tokens"]) == len(ids)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+        for token, offset in zip(lp["tokens"], lp["text_offset"]):  # whole-character tokens sit at their offsets
+            assert token.startswith("bytes:") or text[offset : offset + len(token)] == token
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+        for t in range(1, len(ids)):
+            assert lp["token_logprobs"][t] == pytest.approx(want[t - 1, ids[t]].item(), abs=1e-4)
+            assert max(lp["top_logprobs"][t].values()) == pytest.approx(want[t - 1].max().item(), abs=1e-4)
+    # echo with generation: the prompt's entries, then the new tokens', offsets continuing after the prompt
+    status, body = raw(port, "POST", "/v1/completions", {"model": NAME, "prompt": ids, "max_tokens": 3, "echo": True,
+                                                           "logprobs": 1, "temperature": 0})  # fmt: skip
+    lp = body["choices"][0]["logprobs"]
+    assert body["choices"][0]["text"].startswith(text) and len(lp["token_logprobs"]) == len(ids) + 3
+    assert lp["text_offset"][len(ids)] == len(text)
+    status, body = raw(port, "POST", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0})
+    assert status == 400 and "max_tokens 0 needs echo" in body["error"]["message"]
+
+
+def test_lm_eval_local_completions_scores_like_the_native_adapter(tiny_run, server, tmp_path):
+    """The same local task, scored by lm-eval's `local-completions` client against this server and natively."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from lmforge.evaluation import harness
+    from lmforge.interop.hf import to_hf
+
+    port, _ = server
+    tasks = ["lmforge_toy"]
+    manager = harness.task_manager(tasks, Path(__file__).parent / "harness_tasks")
+    hf_dir = to_hf(tiny_run, tmp_path / "hf")  # the client tokenizes with the run's tokenizer, as exported
+    client = LocalCompletionsAPI(
+        base_url=f"http://127.0.0.1:{port}/v1/completions", model=NAME, tokenizer=str(hf_dir),
+        tokenizer_backend="huggingface", tokenized_requests=True, num_concurrent=4, max_retries=1,
+    )  # fmt: skip
+    served = harness.evaluate(client, tasks, manager=manager)["results"]["lmforge_toy"]["acc,none"]
+    native = harness.evaluate(harness.LmforgeLM(run=str(tiny_run)), tasks, manager=manager)
+    assert served == native["results"]["lmforge_toy"]["acc,none"]

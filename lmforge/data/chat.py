@@ -78,38 +78,49 @@ def load_chat_template(run_dir: str | Path | None) -> str | None:
     return None
 
 
-def render_plain(messages: list[dict]) -> str:
+def render_plain(messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The plain template for base models: "Role: content" lines, ending with "Assistant:"."""
-    return "\n".join(f"{PLAIN_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages) + "\nAssistant:"
+    text = "\n".join(f"{PLAIN_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages)
+    return text + "\nAssistant:" if add_generation_prompt else text
 
 
 def render_chat(
-    messages: list[dict], template: str | None, tokenizer, timeout: float | None = None
+    messages: list[dict],
+    template: str | None,
+    tokenizer,
+    timeout: float | None = None,
+    add_generation_prompt: bool = True,
 ) -> tuple[str, list[str]]:
     """(prompt text, extra stop strings) for a list of {"role", "content"} messages.
 
-    template: Jinja source (from load_chat_template), or None for the plain template. Raises
+    template: Jinja source (from load_chat_template), or None for the plain template.
+    add_generation_prompt: end with the start of the assistant's turn (False: just the conversation). Raises
     ChatTemplateError when the template does not compile or fails on these messages (including
     its own `raise_exception(...)`, which templates use to refuse, say, a missing user turn), or
     when rendering takes longer than timeout seconds (None: no limit).
     """
-    return _render(messages, template, tokenizer, _deadline(timeout))
+    return _render(messages, template, tokenizer, _deadline(timeout), add_generation_prompt)
 
 
 def _deadline(timeout: float | None) -> _Deadline | None:
     return None if timeout is None else _Deadline(timeout)
 
 
-def _render(messages: list[dict], template: str | None, tokenizer, deadline: _Deadline | None):
+def _render(
+    messages: list[dict], template: str | None, tokenizer, deadline: _Deadline | None, add_generation_prompt=True
+):
     if template is None:
-        return render_plain(messages), list(PLAIN_CHAT_STOP)
+        return render_plain(messages, add_generation_prompt), list(PLAIN_CHAT_STOP)
     from jinja2 import TemplateError
 
     compiled = _compile(template)
     try:
         with deadline or contextlib.nullcontext():
             text = compiled.render(
-                messages=messages, add_generation_prompt=True, bos_token="", eos_token=tokenizer.eos_token
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token="",
+                eos_token=tokenizer.eos_token,
             )
     except TemplateError as e:
         raise ChatTemplateError(f"chat template: {e}") from None

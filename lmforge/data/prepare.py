@@ -14,7 +14,7 @@ from ..errors import LmforgeError
 from ..io import write_json_atomic
 from .corpus import DEFAULT_CORPUS, SkipCounter, _documents, corpus_key, discover, text_sample
 from .shards import ShardWriter, shard_paths
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, vocab_shortfall
 
 TOKENIZER = "tokenizer.json"  # the tokenizer beside a shard directory (the same name a run directory uses)
 
@@ -77,13 +77,14 @@ def prepare(
     documents = _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS)
     try:
         for batch in _batches(_pieces(documents, chunk_chars, every, stats), batch_chars):
-            encoded = tokenizer.encode_batch([text for _, text, _ in batch], allow_special=allow_special)
-            for (split, _, ends_doc), ids in zip(batch, encoded):
+            texts, continued = [text for _, text, _, _ in batch], [not starts for _, _, starts, _ in batch]
+            encoded = tokenizer.encode_batch(texts, allow_special=allow_special, continued=continued)
+            for (split, _, _, ends_doc), ids in zip(batch, encoded):
                 ids = ids + [tokenizer.eos_id] if ends_doc else ids
                 writers.write(split, ids)
                 stats.train_tokens += len(ids) if split == "train" else 0
                 stats.val_tokens += len(ids) if split == "val" else 0
-            bar(sum(len(text) for _, text, _ in batch))
+            bar(sum(len(text) for text in texts))
         if stats.documents == 0:
             raise LmforgeError(f"no usable text in {spec if spec is not None else 'the default corpus'}")
         writers.close()
@@ -99,23 +100,24 @@ def prepare(
 
 
 def _pieces(documents, chunk_chars: int, every: int, stats: PrepareStats):
-    """(split, text, ends_document) for every piece of every document, in corpus order.
+    """(split, text, starts_document, ends_document) for every piece of every document, in corpus order.
 
     Piece n goes to validation when n % every == every // 2. One piece is held back so that the last
-    piece of a document is known (it gets the end-of-text token); empty documents are not counted."""
+    piece of a document is known (it gets the end-of-text token); empty documents are not counted.
+    A piece that does not start its document is encoded as the continuation it is (`encode_batch`)."""
     piece_no = 0
     for doc in documents:
-        pending = None
+        pending = None  # (split, text, starts_document)
         for text in doc:
             stats.bytes += len(text.encode("utf-8", "surrogatepass"))
             for piece in _chunks(text, chunk_chars):
                 if pending is not None:
-                    yield pending[0], pending[1], False
-                pending = ("val" if piece_no % every == every // 2 else "train", piece)
+                    yield *pending, False
+                pending = ("val" if piece_no % every == every // 2 else "train", piece, pending is None)
                 piece_no += 1
         if pending is not None:
             stats.documents += 1
-            yield pending[0], pending[1], True
+            yield *pending, True
 
 
 def _batches(pieces, batch_chars: int):
@@ -212,7 +214,10 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
     done = cache / "done.json"
     if done.is_file() and (cache / TOKENIZER).is_file():
         log(f"data: reusing tokenizer and shards in {cache}")
-        return cache, Tokenizer.from_file(cache / TOKENIZER)
+        tok = Tokenizer.from_file(cache / TOKENIZER)
+        if note := vocab_shortfall(tok, train_cfg.tokenizer_vocab_size):
+            log(f"warning: {note}")
+        return cache, tok
     name = "the Python standard library" if spec is None else str(spec)
     log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
     t0 = time.time()
@@ -224,6 +229,8 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
     cache.mkdir(parents=True, exist_ok=True)
     tok.save(cache / TOKENIZER)
     log(f"data: tokenizer ready ({tok.vocab_size} tokens, {time.time() - t0:.1f}s); writing shards")
+    if note := vocab_shortfall(tok, train_cfg.tokenizer_vocab_size):
+        log(f"warning: {note}")
     stats = prepare(spec, tok, cache, val_fraction=train_cfg.val_fraction, progress=sys.stderr.isatty())
     write_json_atomic(
         done,

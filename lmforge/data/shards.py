@@ -144,6 +144,25 @@ class TokenData:
                 f"({vocab_size})"
             )
 
+    def draw_starts(self, n: int, seq_len: int, generator: torch.Generator) -> np.ndarray:
+        """n random window starts (n,), positions in the concatenation of the shards' valid starts.
+
+        One draw of all n: the windows of a training step are drawn here once, then split across ranks and
+        micro-steps, so which windows a step sees does not depend on how many processes share it."""
+        usable = np.maximum(self.lengths - seq_len, 0)  # number of valid start positions per shard
+        return torch.randint(0, int(usable.sum()), (n,), generator=generator).numpy()
+
+    def windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows (x, y) at `starts` (from draw_starts), each (len(starts), seq_len); y is x shifted by one."""
+        cum = np.cumsum(np.maximum(self.lengths - seq_len, 0))
+        rows = []
+        for s in starts:
+            k = int(np.searchsorted(cum, s, side="right"))
+            off = int(s - (cum[k - 1] if k else 0))
+            rows.append(np.asarray(self.shards[k][off : off + seq_len + 1], dtype=np.int64))
+        buf = torch.from_numpy(np.stack(rows))
+        return buf[:, :-1], buf[:, 1:]
+
     def batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator, rank: int = 0, world: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,14 +172,5 @@ class TokenData:
         generator state) and reads only its own share, so the global batch equals a
         single-process batch of world x batch_size.
         """
-        usable = np.maximum(self.lengths - seq_len, 0)  # number of valid start positions per shard
-        cum = np.cumsum(usable)
-        starts = torch.randint(0, int(cum[-1]), (batch_size * world,), generator=generator).numpy()
-        starts = starts[rank * batch_size : (rank + 1) * batch_size]
-        rows = []
-        for s in starts:
-            k = int(np.searchsorted(cum, s, side="right"))
-            off = int(s - (cum[k - 1] if k else 0))
-            rows.append(np.asarray(self.shards[k][off : off + seq_len + 1], dtype=np.int64))
-        buf = torch.from_numpy(np.stack(rows))
-        return buf[:, :-1], buf[:, 1:]
+        starts = self.draw_starts(batch_size * world, seq_len, generator)
+        return self.windows(starts[rank * batch_size : (rank + 1) * batch_size], seq_len)

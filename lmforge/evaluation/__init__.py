@@ -3,4 +3,5 @@
 perplexity.py  loss, perplexity and bits per byte (validation windows, any text)
 seq2seq.py     teacher-forced loss, exact match, BLEU and chrF of decoded outputs
 plot.py        `lmforge plot`: metrics.jsonl curves of one or several runs
+harness.py     lm-evaluation-harness adapter (`lmforge eval --tasks`, the harness's `lmforge` model)
 """

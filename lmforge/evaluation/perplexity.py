@@ -7,6 +7,10 @@
     evaluate_text    consecutive context-sized windows of any text (`lmforge eval`)
 
 Positions whose target is IGNORE are left out of every metric alike.
+
+Bits per byte = total nats / ln 2 / the UTF-8 bytes of text the predicted tokens stand for. The bytes of a token
+are what it adds to the decoded text (`Tokenizer.token_bytes`), which for a document's first token can be fewer
+than elsewhere (Llama-style tokenizers drop the space they put before a text): `ByteCounts` keeps both.
 """
 
 from __future__ import annotations
@@ -52,12 +56,23 @@ class TokenScores:
     top5: int = 0
     bytes: int = 0
 
-    def add(self, logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor | None = None) -> None:
-        """Score one batch: logits (B, T, V), targets (B, T) with IGNORE where nothing is predicted."""
+    def add(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        byte_lengths: ByteCounts | torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
+    ) -> None:
+        """Score one batch: logits (B, T, V), targets (B, T) with IGNORE where nothing is predicted.
+
+        byte_lengths: `ByteCounts` (with inputs (B, T), the ids that predicted targets: a target after `eos` opens
+        a document), or a (V,) tensor of bytes per token id wherever it stands."""
         nats, n, top1, top5 = torch.stack([t.double() for t in token_scores(logits, targets)]).tolist()  # one sync
         self.nats += nats
         self.tokens, self.top1, self.top5 = self.tokens + int(n), self.top1 + int(top1), self.top5 + int(top5)
-        if byte_lengths is not None:
+        if isinstance(byte_lengths, ByteCounts):
+            self.bytes += byte_lengths.count(inputs, targets)
+        elif byte_lengths is not None:
             t = targets[targets != IGNORE].cpu()
             self.bytes += int(byte_lengths[t.clamp(max=len(byte_lengths) - 1)].sum())
 
@@ -71,6 +86,37 @@ class TokenScores:
         return {prefix + k: v for k, v in out.items()}
 
 
+@dataclass
+class ByteCounts:
+    """The UTF-8 bytes of text each token id stands for, inside a document and as its first token.
+
+    inside, opening: (V,) int64, indexed by token id (ids the tokenizer lacks count 0).
+    eos: the id that ends a document; in a token stream (a shard: documents encoded one by one, `eos` after
+    each) the token after `eos` opens the next document.
+    """
+
+    inside: torch.Tensor
+    opening: torch.Tensor
+    eos: int
+
+    @classmethod
+    def of(cls, tokenizer, vocab_size: int | None = None) -> ByteCounts:
+        """From a `Tokenizer`; vocab_size pads the tables for a model vocabulary rounded up past the tokenizer's."""
+        pad = [0] * max(0, (vocab_size or 0) - tokenizer.vocab_size)
+        inside = torch.tensor(tokenizer.token_byte_lengths() + pad, dtype=torch.long)
+        opening = torch.tensor(tokenizer.token_byte_lengths(first=True) + pad, dtype=torch.long)
+        return cls(inside, opening, tokenizer.eos_id)
+
+    def count(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Bytes of the targets y given the inputs x (same shape, ids on any device; IGNORE in y counts nothing):
+        y[t] opens a document when x[t] is `eos`."""
+        x, y = x.cpu(), y.cpu()
+        real = y != IGNORE
+        y = y.clamp(min=0, max=len(self.inside) - 1)
+        per_token = torch.where(x == self.eos, self.opening[y], self.inside[y])
+        return int(per_token[real].sum())
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -78,12 +124,13 @@ def evaluate(
     batch_size: int,
     seq_len: int,
     batches: int,
-    byte_lengths: torch.Tensor | None,
+    byte_lengths: ByteCounts | torch.Tensor | None,
     device,
     autocast=contextlib.nullcontext,
 ) -> dict:
     """Validation metrics on fixed windows (the same windows at every call), keys prefixed "val_": loss (nats per
-    token), ppl, bpb (when byte_lengths (V,) gives each token's UTF-8 length), acc and top5 (next-token accuracy)."""
+    token), ppl, bpb (given byte_lengths: `ByteCounts`, or a (V,) tensor of each token's UTF-8 length wherever it
+    stands), acc and top5 (next-token accuracy)."""
     was_training = model.training
     model.eval()
     seq_len = min(seq_len, int(max(data.lengths)) - 1)
@@ -95,7 +142,7 @@ def evaluate(
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x)  # (B, T, V)
-        scores.add(logits, y, byte_lengths)
+        scores.add(logits, y, byte_lengths, inputs=x)
     model.train(was_training)
     out = scores.metrics("val_")
     if routing := moe.routing_stats(model, training=False):
@@ -107,8 +154,10 @@ def evaluate(
 def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_size: int = 8) -> dict:
     """Score the documents of `spec` in consecutive windows of the model's context (each window predicts its tokens).
 
-    Returns {tokens (predicted), loss (nats per token), perplexity, bits_per_byte, acc, top5 (next-token top-1 /
-    top-5 accuracy, fractions)}; raises LmforgeError when the text has fewer than 2 tokens."""
+    Returns {tokens (predicted), loss (nats per token), perplexity, bits_per_byte (over the bytes the predicted
+    tokens stand for: every byte of the text but the first token's), acc, top5 (next-token top-1 / top-5
+    accuracy, fractions)}; raises LmforgeError when the text has fewer than 2 tokens. Each document is encoded on
+    its own, then `eos`."""
     ids: list[int] = []
     for doc in corpus.corpus_documents(spec):
         doc_ids = tokenizer.encode(doc) + [tokenizer.eos_id]
@@ -118,7 +167,7 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
             break
     if len(ids) < 2:
         raise LmforgeError(f"not enough text in {spec} to evaluate")
-    lengths = torch.tensor(tokenizer.token_byte_lengths())
+    byte_counts = ByteCounts.of(tokenizer)
     T = model.config.block_size
     device = next(model.parameters()).device
     tokens = torch.tensor(ids)
@@ -136,7 +185,7 @@ def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_siz
         width = max(len(x) for x in xs)  # the last window may be short: pad it, predicting nothing there
         X = torch.stack([F.pad(x, (0, width - len(x))) for x in xs]).to(device)  # (B, T)
         Y = torch.stack([F.pad(y, (0, width - len(y)), value=IGNORE) for y in ys]).to(device)
-        scores.add(model(X), Y, lengths)
+        scores.add(model(X), Y, byte_counts, inputs=X)
     m = scores.metrics()
     out = {
         "tokens": scores.tokens,

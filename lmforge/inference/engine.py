@@ -159,12 +159,14 @@ class Engine:
         self._seen: torch.Tensor | None = None  # (max_batch, vocab) tokens in each row's prompt or output
         # torch.compile'd decode step: fixed shapes (every cache row, the whole cache length), compiled on first use
         self._compiled = None
+        self._view = None  # (n, next_ids[:n], cache.rows(0, n)) of the last decode step
         if compile:
             self.cache.static = True
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = True  # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
+                # weights become constants, prepacked for oneDNN (what lmforge.inference.quantize does by hand)
+                inductor_config.freezing = True
             self._compiled = torch.compile(model, dynamic=False)
 
     # --- admission ------------------------------------------------------------------------------
@@ -251,16 +253,21 @@ class Engine:
             self.cache.start[n:] = 0
             logits = self._compiled(self.next_ids, self.cache)[:n, -1]
         else:
-            logits = self.model(self.next_ids[:n], self.cache.rows(0, n))[:, -1]
+            if self._view is None or self._view[0] != n:  # rows 0..n-1, kept while their number holds
+                self._view = (n, self.next_ids[:n], self.cache.rows(0, n))
+            _, ids, cache = self._view
+            logits = self.model(ids, cache)[:, -1]
         return self._sample_and_emit(logits, 0, n)
 
     def _sample_and_emit(self, logits: torch.Tensor, lo: int, hi: int) -> list[Output]:
         rows = self.rows[lo:hi]
-        s = {name: t[lo:hi] for name, t in self._settings.items()}
         if self.n_tokens < self.vocab:  # never sample (or list in logprobs) an id the tokenizer cannot decode
             logits = logits.float().index_fill(-1, self._padding_ids, float("-inf"))
         raw = logits
-        if self._counts is not None and any(r.params.penalised for r in rows):
+        penalised = self._counts is not None and any(r.params.penalised for r in rows)
+        greedy = all(r.params.temperature == 0 for r in rows)
+        s = {name: t[lo:hi] for name, t in self._settings.items()} if penalised or not greedy else {}
+        if penalised:
             logits = apply_penalties(
                 logits,
                 self._counts[lo:hi],
@@ -269,7 +276,7 @@ class Engine:
                 s["frequency_penalty"],
                 s["presence_penalty"],
             )
-        if all(r.params.temperature == 0 for r in rows):
+        if greedy:
             ids = logits.argmax(-1)
         else:
             uniform = torch.tensor([r.rng.random() for r in rows])
@@ -393,6 +400,23 @@ class Engine:
             yield from self.step()
 
 
+@torch.inference_mode()
+def prompt_logprobs(model, ids: list[int], n_top: int = 0) -> list[TokenLogprob | None]:
+    """Log-probability of each prompt token given the ones before it (None for the first, which has no context),
+    with the n_top most likely tokens at each position: one forward pass, log-softmax in float32.
+    ids: at most the model's context (block_size) tokens."""
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    lp = torch.log_softmax(model(x)[0, :-1].float(), dim=-1)  # (T-1, vocab): position t predicts ids[t + 1]
+    target = torch.tensor(ids[1:], device=lp.device)
+    chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
+    top = lp.topk(max(1, n_top), dim=-1) if len(ids) > 1 else None
+    out: list[TokenLogprob | None] = [None]
+    for t in range(len(ids) - 1):
+        pairs = list(zip(top.indices[t, :n_top].tolist(), top.values[t, :n_top].tolist())) if n_top else []
+        out.append(TokenLogprob(ids[t + 1], chosen[t], pairs))
+    return out
+
+
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest end of text that is the beginning of a stop string (held back while streaming)."""
     best = 0
@@ -487,7 +511,8 @@ def truncate_prompt(ids: list[int], model, max_new_tokens: int, warn: bool = Tru
     if len(ids) > room:
         if warn:
             print(
-                f"warning: prompt of {len(ids)} tokens is longer than the context allows; keeping its last {room} tokens",
+                f"warning: prompt of {len(ids)} tokens is longer than the context allows; "
+                f"keeping its last {room} tokens",
                 file=sys.stderr,
             )
         ids = ids[-room:]

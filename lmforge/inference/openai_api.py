@@ -125,8 +125,9 @@ class SamplingFields(_Body):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[Text, list[Text], list[int], list[list[int]]]
+    max_tokens: int | None = Field(None, ge=0, description="0 (with echo): score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt before the completion; with logprobs, its tokens' (first null)")
     suffix: Text | None = None
     best_of: int | None = None
 
@@ -153,9 +154,13 @@ class ChatRequest(SamplingFields):
 
 def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
     """The prompts of a completion request: one text or token-id list per prompt. APIError for what we do not do."""
-    for name, bad in (("echo", body.echo), ("suffix", body.suffix), ("best_of", body.best_of not in (None, body.n))):
+    for name, bad in (("suffix", body.suffix), ("best_of", body.best_of not in (None, body.n))):
         if bad:
             raise APIError(400, f"{name} is not supported", name)
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream", "echo")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 needs echo: true (it scores the prompt, generating nothing)", "max_tokens")
     p = body.prompt
     if isinstance(p, str):
         prompts = [p]
@@ -336,6 +341,25 @@ def completion_logprobs(entries: list[TokenLogprob], names: TokenStrings, offset
     }
 
 
+@dataclass
+class Echo:
+    """A prompt sent back before its completion (echo: true): its ids, and with logprobs, each token's entry
+    (engine.prompt_logprobs: None for the first token, which has nothing before it)."""
+
+    ids: list[int]
+    entries: list[TokenLogprob | None] | None = None
+
+
+def echo_logprobs(echo: Echo, names: TokenStrings, offsets: TextOffsets) -> dict:
+    """The logprobs object of an echoed prompt, as OpenAI gave it: the first token's logprob and top_logprobs null."""
+    return {
+        "tokens": [names.text(i) for i in echo.ids],
+        "token_logprobs": [e.logprob if e else None for e in echo.entries],
+        "top_logprobs": [{names.text(i): lp for i, lp in e.top} if e else None for e in echo.entries],
+        "text_offset": [offsets.next(names.tokenizer.token_bytes(i)) for i in echo.ids],
+    }
+
+
 def chat_logprobs(entries: list[TokenLogprob], names: TokenStrings) -> dict:
     """The chat endpoint's logprobs object: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
 
@@ -409,13 +433,21 @@ class CompletionFormat(ResponseFormat):
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def __init__(self, *args):
+    def __init__(self, *args, echoes: list[Echo] | None = None, n: int = 1):
         super().__init__(*args)
         self._offsets: dict[int, TextOffsets] = {}  # each choice's text_offset counter, across stream chunks
+        self.echoes, self.n = echoes, n  # with echo: one per prompt, in front of its n choices
 
     def choice(self, index: int, result: RowResult) -> dict:
-        lp = completion_logprobs(result.logprobs, self.names) if self.logprobs else None
-        return {"index": index, "text": result.text, "finish_reason": result.finish_reason, "logprobs": lp}
+        echo = self.echoes[index // self.n] if self.echoes else None
+        text = (self.names.tokenizer.decode(echo.ids) if echo else "") + result.text
+        lp = None
+        if self.logprobs:
+            offsets = TextOffsets()  # one count over the echoed prompt and the new text
+            lp = echo_logprobs(echo, self.names, offsets) if echo else None
+            new = completion_logprobs(result.logprobs, self.names, offsets)
+            lp = {k: lp[k] + new[k] for k in new} if lp else new
+        return {"index": index, "text": text, "finish_reason": result.finish_reason, "logprobs": lp}
 
     def chunk_choice(self, out: Output, index: int) -> dict:
         offsets = self._offsets.setdefault(index, TextOffsets())

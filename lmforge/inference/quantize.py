@@ -6,7 +6,7 @@ the CPU (benchmarks/decode_speed.py and benchmarks/RESULTS.md). So each --quanti
 several kernels, a weight layout plus the operation that multiplies by it, and the model gets
 the best one this CPU can run:
 
-    option        kernels, in order of preference       what changes
+    option        kernels (fallback order)              what changes
     none          onednn, transposed, linear            nothing but the layout: fp32, same results up to rounding
     bf16          bf16-onednn, bf16-transposed,          weights and products in bfloat16 (activations stay fp32
                   bf16-linear                            between layers)
@@ -19,10 +19,14 @@ the best one this CPU can run:
     transposed    W^T kept as an (in, out) matrix, y = x @ W^T: a matrix-vector product that streams W row by row
     linear        the usual (out, in) layout through F.linear
 
-Choosing a kernel (`choose_kernel`): a kernel is available when a trial on a tiny layer runs and
-agrees with F.linear (`kernel_available`, once per process), so no option ever takes a path the
-CPU cannot run: a lost kernel falls back to the next one, and an option with none left is refused
-in one line. `pack_for_inference(..., kernel=NAME)` forces one (tests and benchmarks use it).
+Choosing a kernel (`choose_kernel`), in two steps:
+  1. which can run: a kernel is available when a trial on a tiny layer runs and agrees with
+     F.linear (`kernel_available`, once per process). No option ever takes a path the CPU cannot
+     run; an option with no kernel left is refused in one line.
+  2. which is fastest: the available ones are timed on the model's own first layers (up to
+     MEASURE_BYTES of weights, one token at a time, under MEASURE_SECONDS in all) and the winner is
+     kept per machine and layer shapes (lmforge.machine), so later loads skip the timing.
+`pack_for_inference(..., kernel=NAME)` forces one (tests and benchmarks use it).
 
 The model becomes inference-only: parameters of the swapped layers are no longer trainable
 parameters, and the state dict changes, so load a fresh model to train or save.
@@ -31,6 +35,7 @@ parameters, and the state dict changes, so load a fresh model to train or save.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 
 import torch
@@ -47,6 +52,8 @@ KERNELS = {
     "int8-dynamic": ("int8-dynamic",),
 }
 PACK_MIN_WEIGHTS = 1 << 19  # fp32 layouts skip layers smaller than this (768 x 768 is repacked, 192 x 576 is not)
+MEASURE_SECONDS = 0.4  # choosing among an option's kernels, once per machine and model shape
+MEASURE_BYTES = 64 << 20  # of the model's fp32 weights timed for it: more than the per-core caches hold
 
 
 class PackedLinear(nn.Module):
@@ -179,22 +186,88 @@ def available_kernels(quantize: str) -> list[str]:
     return [k for k in KERNELS[quantize] if kernel_available(k) is None]
 
 
-def choose_kernel(quantize: str) -> str:
-    """The kernel pack_for_inference uses for an option on this CPU; LmforgeError when none can run here."""
+def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> str:
+    """The kernel pack_for_inference uses for an option on this CPU; LmforgeError when none can run here.
+
+    With a model and several runnable kernels, the fastest for its layers on this machine: measured
+    once per machine and layer shapes (`measure_kernels`, under MEASURE_SECONDS) and cached by
+    lmforge.machine; log (default stderr) gets one line when it measures. Without, the first runnable one.
+    """
     if quantize not in KERNELS:
         raise LmforgeError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE)})")
     usable = available_kernels(quantize)
     if not usable:
         raise LmforgeError(f"--quantize {quantize} cannot run on this CPU: {kernel_available(KERNELS[quantize][-1])}")
-    return usable[0]
+    layers = _sample_layers(model, _FACTORIES[usable[0]][1]) if model is not None else []
+    if len(usable) == 1 or not layers:
+        return usable[0]
+    from .. import machine
+
+    shapes = "+".join(dict.fromkeys(f"{lin.out_features}x{lin.in_features}" for lin in layers))
+    key = f"decode_kernel/{quantize}/{'/'.join(usable)}/{shapes}"
+    found = machine.measure_once(
+        {key: lambda: min((t, k) for k, t in measure_kernels(usable, layers).items())[1]},
+        f"timing {', '.join(usable)} for --quantize {quantize} on this CPU (once per machine and model shape, "
+        f"under {MEASURE_SECONDS:g} s)",
+        log,
+    )
+    return found[key] if found[key] in usable else usable[0]
 
 
-def pack_for_inference(model: nn.Module, quantize: str | None = "none", kernel: str | None = None) -> nn.Module:
+def _sample_layers(model: nn.Module, big_only: bool) -> list[nn.Linear]:
+    """The model's first fp32 linear layers a kernel would replace, up to MEASURE_BYTES of weights."""
+    out, total = [], 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+            if big_only and m.weight.numel() < PACK_MIN_WEIGHTS:
+                continue
+            if out and total + 4 * m.weight.numel() > MEASURE_BYTES:
+                break
+            out.append(m)
+            total += 4 * m.weight.numel()
+    return out
+
+
+@torch.inference_mode()
+def measure_kernels(kernels: list[str], layers: list[nn.Linear], seconds: float = MEASURE_SECONDS) -> dict:
+    """{kernel: seconds for one batch-1 token through all `layers`} (best of several passes, each kernel
+    given an equal share of `seconds`, including the time to build its layers).
+
+    Decode streams every weight once per token; with more weight bytes than the last-level-private caches
+    hold, a pass measures that streaming rate, which is what decides the fastest kernel.
+    """
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 1, lin.in_features, generator=g) for lin in layers]
+    out = {}
+    for kernel in kernels:
+        deadline = time.perf_counter() + seconds / len(kernels)
+        make = _FACTORIES[kernel][0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mods = [lin if make is None else make(lin) for lin in layers]
+        for m, x in zip(mods, xs):  # warm up (first-call allocations, caches)
+            m(x)
+        best, passes = float("inf"), 0
+        while passes < 2 or (time.perf_counter() < deadline and passes < 100):
+            t0 = time.perf_counter()
+            for m, x in zip(mods, xs):
+                m(x)
+            best = min(best, time.perf_counter() - t0)
+            passes += 1
+        out[kernel] = best
+        del mods
+    return out
+
+
+def pack_for_inference(
+    model: nn.Module, quantize: str | None = "none", kernel: str | None = None, log=None
+) -> nn.Module:
     """Swap the model's fp32 nn.Linear layers for the chosen CPU inference kernel (in place); returns the model.
 
     quantize: one of QUANTIZE (None = "none"). kernel: force one of KERNELS[quantize] instead of the
-    best available one. A model not on the CPU is left as it is for "none"; the other options are an
-    error there, as is a forced kernel this CPU cannot run (LmforgeError, one line).
+    fastest runnable one (choose_kernel; log gets its one line when it has to measure). A model not on
+    the CPU is left as it is for "none"; the other options are an error there, as is a forced kernel
+    this CPU cannot run (LmforgeError, one line).
     """
     quantize = quantize or "none"
     if quantize not in QUANTIZE:
@@ -208,7 +281,7 @@ def pack_for_inference(model: nn.Module, quantize: str | None = "none", kernel: 
             f"--quantize {quantize} is for CPU inference (this model is on {next(model.parameters()).device})"
         )
     if kernel is None:
-        kernel = choose_kernel(quantize)
+        kernel = choose_kernel(quantize, model, log)
     elif (why := kernel_available(kernel)) is not None:
         raise LmforgeError(f"kernel {kernel} cannot run on this CPU: {why}")
     make, big_only = _FACTORIES[kernel]

@@ -14,12 +14,16 @@ queues and streams, so the event loop never waits for the model:
     request body --openai_api--> prompts, SamplingParams --Service.submit--> Job (rows) --Worker--> Engine
     Engine Outputs --Job.outputs queue--> Service.collect (whole response) or Service.stream (SSE chunks)
 
-The OpenAI wire format (bodies, choices, chunks, usage, logprobs, errors) lives in `openai_api.py`.
+Before any route, two ASGI middlewares refuse a request without its API key (401, `APIKeyAuth`) and
+one whose body is too large (413, `BodyLimit`). Chat templates are rendered in a worker thread under a
+time limit (`lmforge.data.chat`). The OpenAI wire format (bodies, choices, chunks, usage, logprobs,
+errors) lives in `openai_api.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import threading
@@ -36,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.chat import encode_chat, load_chat_template
 from ..errors import LmforgeError
-from .engine import Engine, Output, Request
+from .engine import Engine, Output, Request, prompt_logprobs
 from .openai_api import (
     COMPLETION_MAX_TOKENS,
     APIError,
@@ -44,6 +48,7 @@ from .openai_api import (
     ChatRequest,
     CompletionFormat,
     CompletionRequest,
+    Echo,
     ResponseFormat,
     RowResult,
     TokenStrings,
@@ -222,6 +227,12 @@ class Service:
     async def completions(self, body: CompletionRequest, request: HTTPRequest):
         self.check_model(body.model)
         prompts = [self.prompt_ids(p) for p in completion_prompts(body)]
+        echoes = [await self.echo(ids, body.logprobs) for ids in prompts] if body.echo else None
+        fmt = functools.partial(CompletionFormat, echoes=echoes, n=body.n)
+        if body.max_tokens == 0:  # scoring only (what benchmark clients send): the echoed prompts, nothing new
+            wire = fmt(uuid.uuid4().hex, int(time.time()), self.model_name, body.logprobs is not None, self.names)
+            rows = [RowResult(finish_reason="length") for _ in range(len(prompts) * body.n)]
+            return wire.response(rows, sum(map(len, prompts)))
 
         def params(prompt_len: int):
             return sampling_params(
@@ -233,7 +244,21 @@ class Service:
                 logprobs=body.logprobs,
             )
 
-        return await self.submit(request, body, prompts, params, CompletionFormat, body.logprobs is not None)
+        return await self.submit(request, body, prompts, params, fmt, body.logprobs is not None)
+
+    async def echo(self, ids: list[int], n_top: int | None) -> Echo:
+        """A prompt to send back, scored when logprobs are asked for: one forward pass in a helper thread (no KV
+        cache, so the decode thread's rows are untouched)."""
+        if len(ids) > self.engine.limit:
+            raise APIError(
+                400,
+                f"prompt is {len(ids)} tokens; this model's context is {self.engine.limit} tokens",
+                "prompt",
+                "context_length_exceeded",
+            )
+        if n_top is None:
+            return Echo(ids)
+        return Echo(ids, await asyncio.to_thread(prompt_logprobs, self.engine.model, ids, n_top))
 
     async def chat(self, body: ChatRequest, request: HTTPRequest):
         self.check_model(body.model)

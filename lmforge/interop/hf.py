@@ -40,11 +40,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, ModelConfig, TrainConfig
+from ..data.chat import load_chat_template
 from ..data.tokenizer import Tokenizer
 from ..errors import LmforgeError
-from ..io import atomic_path, write_json_atomic
+from ..io import atomic_path, write_json_atomic, write_text_atomic
 from ..models import build_model
-from ..runs import TOKENIZER, WEIGHTS, load_config, load_tokenizer, load_weights, save_config, save_weights
+from ..runs import (
+    CHAT_TEMPLATE,
+    TOKENIZER,
+    WEIGHTS,
+    load_config,
+    load_tokenizer,
+    load_weights,
+    save_config,
+    save_weights,
+)
 
 # --- reading a Hugging Face folder ----------------------------------------------------------------
 
@@ -125,7 +135,8 @@ def _family(hf: dict) -> str:
     if kind == "mixtral" or "MixtralForCausalLM" in archs:
         return "mixtral"
     _unsupported(
-        f"architecture {', '.join(archs) or kind or 'unknown'} (supported: GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM)"
+        f"architecture {', '.join(archs) or kind or 'unknown'} "
+        "(supported: GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM)"
     )
 
 
@@ -408,9 +419,9 @@ def _take(hf_sd: dict, name: str) -> torch.Tensor:
 
 
 def _unfuse_experts(cfg: ModelConfig, hf_sd: dict) -> dict:
-    """Rename transformers 5's fused Mixtral expert tensors to the per-expert checkpoint layout (other tensors unchanged)."""
+    """Rename transformers 5's fused Mixtral expert tensors to the per-expert layout (other tensors unchanged)."""
     hf_sd = dict(hf_sd)
-    E, I, D = cfg.moe_experts, cfg.expert_dim, cfg.d_model
+    E, I, D = cfg.moe_experts, cfg.expert_dim, cfg.d_model  # noqa: E741 (the paper's names)
     for i in range(cfg.n_layer):
         fused, m = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
         if fused + "experts.gate_up_proj" not in hf_sd:
@@ -496,13 +507,18 @@ def from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / TOKENIZER)
+    if chat_template := load_chat_template(
+        hf_dir
+    ):  # same conventions as a run: chat_template.jinja or tokenizer_config
+        write_text_atomic(run_dir / CHAT_TEMPLATE, chat_template)
     save_config(run_dir, Config(model=cfg, train=TrainConfig()))
     save_weights(run_dir / WEIGHTS, model, {"source": f"huggingface:{family}"})
     return run_dir
 
 
 def to_hf(run_dir: str | Path, hf_dir: str | Path) -> Path:
-    """Write a folder that transformers loads with from_pretrained (config.json, model.safetensors, tokenizer)."""
+    """Write a folder transformers takes with no extra arguments: config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, generation_config.json (AutoTokenizer, AutoModelForCausalLM, pipeline("text-generation"))."""
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     cfg = load_config(run_dir).model
     tokenizer = load_tokenizer(run_dir)
@@ -516,13 +532,37 @@ def to_hf(run_dir: str | Path, hf_dir: str | Path) -> Path:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     write_json_atomic(hf_dir / "config.json", hf_cfg)
     shutil.copyfile(run_dir / TOKENIZER, hf_dir / "tokenizer.json")
-    write_json_atomic(
-        hf_dir / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": tokenizer.eos_token,
-            "bos_token": tokenizer.eos_token,
-            "model_max_length": cfg.block_size,
-        },
-    )
+    write_json_atomic(hf_dir / "tokenizer_config.json", tokenizer_config(tokenizer, cfg, load_chat_template(run_dir)))
+    write_json_atomic(hf_dir / "generation_config.json", generation_config(tokenizer, cfg))
     return hf_dir
+
+
+def tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig, chat_template: str | None) -> dict:
+    """tokenizer_config.json for AutoTokenizer: the fast tokenizer of tokenizer.json, end-of-text as EOS, BOS and
+    padding (lmforge adds no BOS), special-token look-alikes in text encoded as text (as lmforge does), text
+    decoded exactly as encoded, the context length, the chat template if any."""
+    out = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokenizer.eos_token,
+        "bos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.eos_token,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,  # text is text: "<|endoftext|>" typed in a prompt is characters, as in lmforge
+        "model_max_length": cfg.block_size,
+    }
+    if chat_template:
+        out["chat_template"] = chat_template
+    return out
+
+
+def generation_config(tokenizer: Tokenizer, cfg: ModelConfig) -> dict:
+    """generation_config.json: stop at end-of-text, pad with it, and generate up to the context length by default."""
+    return {
+        "bos_token_id": tokenizer.eos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.eos_id,
+        "max_length": cfg.block_size,
+        "do_sample": False,
+    }

@@ -20,7 +20,17 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from . import moe
-from .layers import MLP, Attention, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from .layers import (
+    MLP,
+    Attention,
+    KVCache,
+    make_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    segment_mask,
+    segment_positions,
+    sinusoidal_table,
+)
 
 
 class Block(nn.Module):
@@ -32,8 +42,11 @@ class Block(nn.Module):
         self.mlp = moe.MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
+    def forward(self, x, rope=None, cache=None, mask=None):
+        if not self.training:  # dropout is the identity: skip its calls (they are a visible share of a decode step)
+            x = x + self.attn(self.norm1(x), rope, cache, mask)
+            return x + self.mlp(self.norm2(x))
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
 
@@ -100,17 +113,29 @@ class DecoderLM(nn.Module):
             dtype=dtype or p.dtype,
         )
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues each row's cached tokens."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues each row's cached tokens.
+
+        segments (B, T), no cache: rows packed with several sequences (layers.segment_positions): positions
+        restart and attention stays within each sequence, as if each ran alone."""
         B, T = idx.shape
         cfg = self.config
         limit = (
             cfg.block_size if self.pos_emb is not None or cfg.pos == "sinusoidal" else None
         )  # positions that have an embedding
+        mask = None
         if cache is None:
             if limit is not None and T > limit:
                 raise ValueError(f"sequence of {T} tokens exceeds the context window ({limit})")
             positions = torch.arange(T, device=idx.device)
+            if segments is not None:  # (B, T) positions; a block-diagonal causal mask (B, 1, T, T)
+                positions, mask = segment_positions(segments), segment_mask(segments, cfg.sliding_window)
         else:  # (T,), or (B, T) when rows sit at different positions (left padding, rows of different lengths)
             positions = cache.begin(T, idx.device, limit)
         x = self.tok_emb(idx)  # (B, T, d_model)
@@ -122,9 +147,9 @@ class DecoderLM(nn.Module):
         rope = rope_cos_sin(self.inv_freq, positions, x.dtype) if cfg.pos == "rope" else None
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         if last_only:

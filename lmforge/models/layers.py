@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: norms, positions, attention, feed-forward, KV cache."""
+"""Building blocks shared by the model families: norms, positions, packed sequences, attention, feed-forward."""
 
 from __future__ import annotations
 
@@ -87,6 +87,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# --- packed sequences -----------------------------------------------------------------------------
+# Several short sequences (say, chat conversations) share one row of a batch; `segments` (B, T) numbers them,
+# equal ids on consecutive tokens. Each token then sits at its position within its own sequence and attends
+# only to earlier tokens of that sequence, so the row computes exactly what each sequence would alone.
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its segment (0 at the token where the segment id changes)."""
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, idx, 0).cummax(dim=1).values  # index of each token's segment start
+    return idx - first
+
+
+def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) boolean attention mask, True where a query may look: causal (and windowed) within a segment."""
+    pos = torch.arange(segments.shape[1], device=segments.device)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T): block diagonal
+    return (same & window_mask(pos, pos, window))[:, None]
+
+
 # --- attention ------------------------------------------------------------------------------------
 
 
@@ -105,7 +127,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        """x (B, T, d_model) -> (B, T, d_model). mask: (B, 1, T, T) from segment_mask for packed rows (no cache)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -119,8 +142,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         if cache is None:
-            pos = torch.arange(T, device=x.device)
-            mask = window_mask(pos, pos, self.window) if self.window else None
+            if mask is None:
+                pos = torch.arange(T, device=x.device)
+                mask = window_mask(pos, pos, self.window) if self.window else None
             keys, values, is_causal = k, v, mask is None
         else:  # mask: (T, S) or (B, 1, T, S), True where a query may look
             keys, values, mask, is_causal = cache.update(self.layer_idx, k, v)

@@ -1,12 +1,18 @@
 """Checkpoints that survive crashes: one directory per step, written whole or not at all.
 
-    RUN/checkpoints/step_000200/  model.safetensors, trainer_state.pt, manifest.json (sizes + sha256)
+    RUN/checkpoints/step_000200/  one process or DDP ("full"): model.safetensors, trainer_state.pt (optimizers too)
+                                  FSDP ("dcp", sharded): .metadata + __R_0.distcp (one shard file per rank R, written
+                                  by torch.distributed.checkpoint: model and optimizer state), trainer_state.pt
+                                  (run state, RNGs); and manifest.json (format, files: sizes + sha256)
     RUN/checkpoints/best/         the checkpoint with the lowest validation loss so far
-    RUN/model.safetensors         a copy of the latest weights, so generate/eval/convert just work
+    RUN/model.safetensors         the latest weights, so generate/eval/convert just work: refreshed at every full
+                                  checkpoint; for a sharded run consolidated when training ends (`consolidate`,
+                                  also `lmforge convert --consolidate RUN`), not at every checkpoint
 
 A checkpoint is first written to a hidden temporary directory and renamed into place, so a
-crash leaves either the complete new checkpoint or none. On resume, manifests are verified and
-a damaged checkpoint is skipped in favour of the previous good one.
+crash leaves either the complete new checkpoint or none (temporaries are removed at the next save or
+resume). On resume, manifests are verified and a damaged checkpoint is skipped in favour of the previous
+good one. A sharded checkpoint loads on any number of processes (DCP re-shards on load), also in one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import LmforgeError
@@ -24,6 +31,12 @@ from ..runs import TRAINER_STATE, WEIGHTS, load_trainer_state, load_weights, sav
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+SHARDED = "dcp"  # manifest "format" of a sharded checkpoint (absent or "full": safetensors + trainer_state.pt)
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shard files
+
+
+def _file_info(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _sha256(path: Path) -> str:
@@ -120,8 +133,15 @@ def _read_manifest(ckpt: Path) -> dict | None:
 
 
 def required_files(manifest: dict) -> set[str]:
-    """The files a checkpoint of the manifest's format cannot do without."""
-    return {WEIGHTS, TRAINER_STATE}
+    """The files a checkpoint of the manifest's format cannot do without (a sharded one: also its shard files)."""
+    return {DCP_METADATA, TRAINER_STATE} if is_sharded(manifest) else {WEIGHTS, TRAINER_STATE}
+
+
+def is_sharded(manifest: dict | Path) -> bool:
+    """Whether a checkpoint (its manifest, or its directory) is a sharded DCP checkpoint."""
+    if isinstance(manifest, Path):
+        manifest = _read_manifest(manifest) or {}
+    return manifest.get("format") == SHARDED
 
 
 def verify(ckpt: Path) -> str | None:
@@ -138,6 +158,8 @@ def verify(ckpt: Path) -> str | None:
     missing = required_files(manifest) - set(files)
     if missing:
         return f"manifest does not list {', '.join(sorted(missing))}"
+    if is_sharded(manifest) and not any(str(n).endswith(".distcp") for n in files):
+        return "manifest lists no shard files"
     for name, info in files.items():
         if (
             not isinstance(info, dict)
@@ -157,10 +179,10 @@ def verify(ckpt: Path) -> str | None:
     return None
 
 
-def load_latest(run_dir: Path, model) -> dict:
-    """Load the newest intact checkpoint into model and return its trainer state.
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that passes `verify`; damaged ones are skipped with a warning on stderr.
 
-    Damaged checkpoints are skipped with a warning; raises LmforgeError when none is left."""
+    Raises LmforgeError when there is none, or none intact."""
     root = Path(run_dir) / CHECKPOINTS
     candidates = list(reversed(step_dirs(root))) if root.is_dir() else []
     if not candidates:
@@ -168,11 +190,134 @@ def load_latest(run_dir: Path, model) -> dict:
     for ckpt in candidates:
         problem = verify(ckpt)
         if problem is None:
-            try:
-                state = load_trainer_state(ckpt / TRAINER_STATE)
-                load_weights(ckpt / WEIGHTS, model)
-                return state
-            except LmforgeError as e:
-                problem = str(e)
-        print(f"warning: checkpoint {ckpt.name} is damaged ({problem}); trying the previous one", file=sys.stderr)
+            return ckpt
+        _warn_damaged(ckpt, problem)
     raise LmforgeError(f"every checkpoint in {root} is damaged; cannot resume")
+
+
+def _warn_damaged(ckpt: Path, problem: str) -> None:
+    print(f"warning: checkpoint {ckpt.name} is damaged ({problem}); trying the previous one", file=sys.stderr)
+
+
+def load_latest(run_dir: Path, model) -> dict:
+    """Load the newest intact full checkpoint into model and return its trainer state (one process).
+
+    Damaged checkpoints are skipped with a warning; raises LmforgeError when none is left. A sharded
+    checkpoint needs the optimizers too: see `load_sharded`."""
+    ckpt = latest_checkpoint(run_dir)
+    while True:
+        try:
+            return load_full(ckpt, model)
+        except LmforgeError as e:
+            _warn_damaged(ckpt, str(e))
+        older = [d for d in step_dirs(ckpt.parent) if d.name < ckpt.name and verify(d) is None]
+        if not older:
+            raise LmforgeError(f"every checkpoint in {ckpt.parent} is damaged; cannot resume")
+        ckpt = older[-1]
+
+
+def load_full(ckpt: Path, model) -> dict:
+    """Load a full checkpoint's weights into model (plain, before wrapping); returns its trainer state."""
+    if is_sharded(ckpt):
+        raise LmforgeError(f"{ckpt} is a sharded checkpoint (load it with its optimizers)")
+    state = load_trainer_state(ckpt / TRAINER_STATE)
+    load_weights(ckpt / WEIGHTS, model)
+    return state
+
+
+# --- sharded checkpoints (FSDP): torch.distributed.checkpoint -------------------------------------------
+
+
+def save_sharded_checkpoint(
+    run_dir: Path, model, optimizers, trainer_state: dict, parallel, keep: int = 3, val_loss: float | None = None
+) -> Path:
+    """Every rank writes its own shards of the model and optimizer state to checkpoints/step_N (collective).
+
+    No rank gathers the full state: `get_state_dict` gives each rank's local shards (DTensors) and DCP
+    writes them as they are (one `__R_0.distcp` per rank R, plus the `.metadata` index from rank 0). Each rank
+    hashes its own shard file; rank 0 writes trainer_state (run state and RNGs, no optimizer) and the manifest,
+    then renames the directory into place, updates best and prunes. RUN/model.safetensors is left alone.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    step = trainer_state["step"]
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-sharded"  # the same name on every rank
+    if parallel.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        tmp.mkdir()
+    parallel.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    dcp.save({"model": model_sd, "optimizers": optim_sd}, checkpoint_id=tmp)
+    mine = {p.name: _file_info(p) for p in tmp.glob(f"__{parallel.info.rank}_*.distcp")}
+    shards = parallel.gather_objects(mine)  # rank 0: every rank's {file: size, sha256}
+    if parallel.is_main:
+        save_trainer_state(tmp / TRAINER_STATE, trainer_state)
+        files = {name: info for part in shards for name, info in part.items()}
+        files.update({name: _file_info(tmp / name) for name in (DCP_METADATA, TRAINER_STATE)})
+        manifest = {"step": step, "val_loss": val_loss, "format": SHARDED, "ranks": len(shards), "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if val_loss is not None:
+            _update_best(root, final, val_loss)
+        _prune(root, keep)
+    parallel.barrier()
+    return final
+
+
+def load_sharded(ckpt: Path, model, optimizers) -> dict:
+    """Load a sharded checkpoint into the (wrapped or plain) model and its optimizers, on any number of
+    processes (every rank reads the pieces of its own shards); returns the trainer state."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state = load_trainer_state(ckpt / TRAINER_STATE)
+    model_sd, optim_sd = get_state_dict(model, optimizers)  # this process's layout, filled in by DCP
+    sd = {"model": model_sd, "optimizers": optim_sd}
+    _dcp_load(sd, ckpt, alone=not (dist.is_available() and dist.is_initialized()))
+    set_state_dict(model, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optimizers"])
+    return state
+
+
+def _dcp_load(sd: dict, ckpt: Path, alone: bool) -> None:
+    """DCP load into sd in place: by every rank together, or (alone) by this process by itself."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, checkpoint_id=ckpt, no_dist=alone)
+    except Exception as e:  # a checkpoint of another model, or unreadable shards
+        raise LmforgeError(f"cannot load sharded checkpoint {ckpt}: {str(e).splitlines()[0][:300]}") from None
+
+
+def consolidate(run_dir: Path, log=print) -> Path:
+    """Write RUN/model.safetensors from the run's newest intact checkpoint, in this one process.
+
+    For a sharded checkpoint the model's weights (not the optimizer state) are read through DCP into a plain
+    model on the CPU: this is the one place the full weights are held, once. Returns the checkpoint used."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from ..models import build_model
+    from ..runs import load_config
+
+    run_dir = Path(run_dir)
+    model_cfg = load_config(run_dir).model  # one line if RUN is not a run directory
+    ckpt = latest_checkpoint(run_dir)
+    step = (_read_manifest(ckpt) or {}).get("step")
+    if not is_sharded(ckpt):
+        with atomic_path(run_dir / WEIGHTS) as t:
+            shutil.copyfile(ckpt / WEIGHTS, t)
+    else:
+        model = build_model(model_cfg)
+        sd = get_model_state_dict(model)
+        _dcp_load({"model": sd}, ckpt, alone=True)  # the weights only: DCP reads just the keys asked for
+        set_model_state_dict(model, sd)
+        save_weights(run_dir / WEIGHTS, model, {"step": step})
+    log(f"consolidated {ckpt.name} -> {run_dir / WEIGHTS}")
+    return ckpt

@@ -13,6 +13,8 @@ LOCAL_RANK from the environment; NCCL is used on CUDA, gloo on CPU. Every DDP / 
         .full_optimizer_state(opt)  / .load_optimizer_state(opt, sd): optimizer state in the unsharded layout
         .can_generate               whether the model can run alone on one rank (sampling during training)
         .grad_average               how many ranks the backward averages gradients over (1, or the world size)
+        .sharded                    whether checkpoints are written sharded, each rank its own part (FSDP: DCP)
+        .gather_objects(obj)        every rank's picklable obj, in rank order (a list; one process: [obj])
         .sum / .mean / .any / .barrier   the collectives the loop needs, on the right device for the backend
 """
 
@@ -65,6 +67,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's obj (small and picklable, e.g. a path) on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class Parallel:
     """One process: the model runs as it is and every collective is the identity.
 
@@ -73,6 +84,7 @@ class Parallel:
     """
 
     grad_average = 1  # the backward of a rank's loss gives that rank's gradient as it is
+    sharded = False  # checkpoints: one full copy written by rank 0 (DDP, one process)
 
     def __init__(self, model: torch.nn.Module, info: DistInfo, device: torch.device):
         self.model, self.info, self.device = model, info, device
@@ -123,6 +135,14 @@ class Parallel:
     def barrier(self) -> None:
         barrier(self.info)
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's obj (small, picklable), in rank order, on every rank."""
+        if not self.info.enabled:
+            return [obj]
+        out = [None] * self.info.world
+        dist.all_gather_object(out, obj)
+        return out
+
     @property
     def _comm_device(self) -> torch.device:
         """NCCL only moves CUDA tensors; gloo moves CPU tensors."""
@@ -146,7 +166,11 @@ class DDP(Parallel):
 
 
 class FSDP(Parallel):
-    """FSDP2: each block, then the root, sharded over ranks (parameters are DTensors; gradients are averaged)."""
+    """FSDP2: each block, then the root, sharded over ranks (parameters are DTensors; gradients are averaged).
+
+    Checkpoints are sharded (`sharded`): each rank writes its own part with DCP (train/checkpoint.py)."""
+
+    sharded = True
 
     def __init__(self, model, info, device):
         super().__init__(model, info, device)

@@ -28,8 +28,17 @@ from ..config import Config
 from ..errors import LmforgeError
 from ..models import build_model, moe
 from ..runs import METRICS, WEIGHTS, load_config, save_config
-from .checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
-from .distributed import DistInfo, Parallel, _full, init_distributed, shutdown, wrap
+from .checkpoint import (
+    consolidate,
+    is_sharded,
+    latest_checkpoint,
+    load_full,
+    load_sharded,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from .distributed import DistInfo, Parallel, _full, broadcast_object, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
 from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
 from .state import (
@@ -89,6 +98,8 @@ def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, de
     _check_budget(cfg.train)
     task = make_task(cfg, run_dir, data, resume, cache_root, log, dist_info)
     cfg = dataclasses.replace(cfg, model=task.model_config)
+    if getattr(task, "tokens_per_step", None):  # fixed for the run, whatever the number of processes later
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokens_per_step=task.tokens_per_step))
     tc = cfg.train
     setup, saved = start(cfg, task, run_dir, resume, device, dist_info, log)
     state = RunState(data_rng=torch.Generator().manual_seed(tc.seed))
@@ -127,6 +138,10 @@ def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, de
         if not interrupted:
             last_eval = validate(task, setup, state, report)
         save(setup, state, run_dir, tc, None if interrupted else last_eval.get("val_loss"))
+    if setup.parallel.sharded:  # generate/serve/convert read one file: gather the weights once, at the end
+        if setup.parallel.is_main:
+            consolidate(run_dir, log=lambda *_: None)
+        setup.parallel.barrier()
     report.close()
     log(
         f"{'stopped' if interrupted else 'done'}: step {state.step}, {state.tokens:,} tokens in "
@@ -186,12 +201,20 @@ def start(cfg: Config, task: Task, run_dir: Path, resume: bool, device, dist_inf
     torch.manual_seed(tc.seed)
     model = build_model(task.model_config)
     model.activation_checkpointing = tc.activation_checkpointing
-    saved = load_latest(run_dir, model) if resume else None
+    ckpt = None
+    if resume:  # rank 0 verifies (hashing every file once) and tells the others which checkpoint to load
+        ckpt = broadcast_object(latest_checkpoint(run_dir) if dist_info.is_main else None, dist_info)
+    else:
+        task.init_model(model)  # the random init stays, or (fine-tuning) the base run's weights
+    saved = load_full(ckpt, model) if ckpt is not None and not is_sharded(ckpt) else None
     model.to(device)
     parallel = wrap(model, tc.parallel, dist_info, device)
+    optimizers = build_optimizers(model, tc, device)
+    if ckpt is not None and is_sharded(ckpt):  # DCP: into the wrapped model and its optimizers, re-sharded
+        saved = load_sharded(ckpt, model, optimizers)
     setup = Setup(
         model,
-        build_optimizers(model, tc, device),
+        optimizers,
         accum=max(1, math.ceil((tc.tokens_per_step or task.micro_tokens) / task.micro_tokens)),
         grad_clip=tc.grad_clip,
         autocast=autocast_for(device, precision),
@@ -250,7 +273,7 @@ def train_step(setup: Setup, task: Task, data_gen: torch.Generator, lr_factor: f
     for opt in s.optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor
-    micro = [task.batch(data_gen, s.device) for _ in range(s.accum)]  # token ids only: small
+    micro = draw_step(task, data_gen, s.device, s.accum)  # token ids only: small
     tokens = int(s.parallel.sum(torch.tensor(sum(n for _, n in micro))).item())  # all ranks (int64)
     scale = s.parallel.grad_average / max(1, tokens)
     loss_sum = torch.zeros((), device=s.device)
@@ -265,6 +288,13 @@ def train_step(setup: Setup, task: Task, data_gen: torch.Generator, lr_factor: f
         aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / s.accum for k, (_, v) in aux.items()}
     grad_norm, skipped = _optimizer_step(s, loss_sum)
     return StepResult(loss_sum / max(1, tokens), tokens, aux_sums, grad_norm, skipped)
+
+
+def draw_step(task: Task, data_gen: torch.Generator, device, accum: int) -> list:
+    """This rank's `accum` micro-batches of one step: the task's own whole-step draw when it has one."""
+    if hasattr(task, "step_batches"):
+        return task.step_batches(data_gen, device, accum)
+    return [task.batch(data_gen, device) for _ in range(accum)]
 
 
 def _optimizer_step(s: Setup, loss_sum: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -384,14 +414,19 @@ def validate(task: Task, setup: Setup, state: RunState, report: Reporter) -> dic
 
 
 def save(setup: Setup, state: RunState, run_dir: Path, tc, val_loss: float | None = None) -> None:
-    """Write a checkpoint of the run (rank 0 writes; every rank takes part in gathering sharded state)."""
+    """Write a checkpoint of the run: sharded under FSDP (every rank writes its part), else rank 0 writes the
+    full state (DDP: every rank holds it; one process)."""
     state.note_val_loss(val_loss)
     trainer_state = {
         **state.to_dict(),
-        "optimizers": [setup.parallel.full_optimizer_state(o) for o in setup.optimizers],
         "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
         "rng": global_rng_state(),
     }
+    if setup.parallel.sharded:  # each rank writes its own shards; nothing is gathered
+        keep = tc.keep_checkpoints
+        save_sharded_checkpoint(run_dir, setup.model, setup.optimizers, trainer_state, setup.parallel, keep, val_loss)
+        return
+    trainer_state["optimizers"] = [setup.parallel.full_optimizer_state(o) for o in setup.optimizers]
     full_model = setup.parallel.full_model()
     if setup.parallel.is_main:
         save_checkpoint(run_dir, full_model, trainer_state, keep=tc.keep_checkpoints, val_loss=val_loss)
@@ -399,8 +434,9 @@ def save(setup: Setup, state: RunState, run_dir: Path, tc, val_loss: float | Non
 
 
 def restore(setup: Setup, saved: dict, run_dir: Path, log) -> RunState:
-    """Load a checkpoint's trainer state (the weights are in already): optimizers, scaler, RNGs, the run state."""
-    for opt, sd in zip(setup.optimizers, saved["optimizers"]):
+    """Load a checkpoint's trainer state (the weights are in already): optimizers (a sharded checkpoint's are in
+    already too), scaler, RNGs, the run state."""
+    for opt, sd in zip(setup.optimizers, saved.get("optimizers", [])):
         setup.parallel.load_optimizer_state(opt, sd)
     if setup.scaler is not None and saved.get("scaler"):
         setup.scaler.load_state_dict(saved["scaler"])
