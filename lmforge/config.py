@@ -50,6 +50,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    zero_init_proj: bool = False  # attention/MLP output projections start at 0: blocks start as identity
     # Mixture of Experts (models/moe.py): moe_experts > 0 replaces feed-forward layers by routed experts.
     moe_experts: int = 0  # routed experts per MoE layer; 0 = dense model
     moe_top_k: int = 2  # experts each token is sent to
@@ -273,7 +274,9 @@ class TrainConfig:
     max_tokens: int | None = None
     max_time: float | None = None  # seconds
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine: warmup then cosine decay | wsd: warmup, constant, then linear decay at the end
+    decay_fraction: float = 0.3  # wsd: the last fraction of the run that decays linearly to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -321,6 +324,8 @@ class TrainConfig:
         need(self.lr > 0, "lr must be positive")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(self.schedule in ("cosine", "wsd"), f"unknown schedule {self.schedule!r} (cosine, wsd)")
+        need(0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]")
         need(self.eval_interval > 0 and self.log_interval > 0, "eval_interval and log_interval must be positive")
         need(self.eval_batches > 0, "eval_batches must be positive")
         need(0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)")
@@ -378,6 +383,11 @@ _LLAMA = dict(
 PRESETS: dict[str, tuple[str, dict, dict]] = {
     "tiny": (
         "GPT-2 style, CPU-sized: the default, a few minutes on 2 cores",
+        dict(_GPT2, n_layer=4, n_head=4, d_model=192, block_size=256, vocab_size=4096),
+        dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
+    ),
+    "gpt2-tiny": (
+        "GPT-2 at tiny size: the classic recipe (learned positions, LayerNorm, GELU, tied head, AdamW, cosine)",
         dict(_GPT2, n_layer=4, n_head=4, d_model=192, block_size=256, vocab_size=4096),
         dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
     ),

@@ -60,6 +60,39 @@ def test_gpt2_init_scales_residual_projections():
     assert abs(model.blocks[0].mlp.down.weight.std().item() - 0.02 / 4) < 0.001
 
 
+def test_zero_init_projections_make_blocks_start_as_identity():
+    model = tiny_model(zero_init_proj=True, mlp="relu2")
+    for block in model.blocks:
+        assert not block.attn.proj.weight.any() and not block.mlp.down.weight.any()
+        assert block.attn.qkv.weight.std() > 0.01  # the rest keeps its normal init
+    x = torch.randn(2, 9, 32)
+    assert torch.equal(model.blocks[0](x), x)
+
+
+def test_cross_entropy_matches_torch_with_smoothing_and_ignored_targets():
+    import torch.nn.functional as F
+
+    from lmforge.data.pairs import IGNORE
+    from lmforge.models.loss import token_cross_entropy
+
+    torch.manual_seed(0)
+    for smoothing in (0.0, 0.1):
+        for reduction in ("mean", "sum"):
+            logits = torch.randn(37, 50, dtype=torch.float64, requires_grad=True)
+            y = torch.randint(0, 50, (37,))
+            y[::5] = IGNORE
+            ours = token_cross_entropy(logits, y, reduction, smoothing)
+            (g_ours,) = torch.autograd.grad(2.5 * ours, logits)
+            ref = F.cross_entropy(logits, y, reduction=reduction, label_smoothing=smoothing, ignore_index=IGNORE)
+            (g_ref,) = torch.autograd.grad(2.5 * ref, logits)
+            torch.testing.assert_close(ours, ref)
+            torch.testing.assert_close(g_ours, g_ref)
+            assert not g_ours[::5].any()  # ignored rows get no gradient
+    half = torch.randn(8, 30, dtype=torch.bfloat16, requires_grad=True)
+    token_cross_entropy(half, torch.randint(0, 30, (8,))).backward()
+    assert half.grad.dtype == torch.bfloat16
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     g = torch.Generator().manual_seed(0)

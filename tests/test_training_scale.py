@@ -81,6 +81,23 @@ def test_muon_step_is_orthogonal_and_reduces_loss():
     assert loss.item() < 0.8 * loss0.item()
 
 
+def test_muon_batches_same_shaped_matrices_like_one_at_a_time():
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(8, 24), (8, 24), (24, 8), (8, 24)]]
+    alone = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    together = Muon(ws, lr=0.05, weight_decay=0.1)
+    separate = [Muon([w], lr=0.05, weight_decay=0.1) for w in alone]
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in ws]
+        for w, a, g in zip(ws, alone, grads):
+            w.grad, a.grad = g.clone(), g.clone()
+        together.step()
+        for opt in separate:
+            opt.step()
+    for w, a in zip(ws, alone):
+        torch.testing.assert_close(w.detach(), a.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_training_with_muon_learns(tmp_path, corpus_dir):
     res = train(
         small_config(optimizer="muon", max_steps=60, eval_interval=1000),

@@ -72,10 +72,14 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled down by sqrt(2 * n_layer) so the residual stream keeps its size.
+        # GPT-2: residual projections scaled down by sqrt(2 * n_layer) so the residual stream keeps its size;
+        # zero_init_proj: start them at zero instead, so every block begins as the identity (modded-nanogpt).
         for block in self.blocks:
             for lin in (block.attn.proj, *(m.down for m in block.mlp.modules() if isinstance(m, MLP))):
-                nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(lin.weight)
+                else:
+                    nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):

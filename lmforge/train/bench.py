@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..config import preset
 from ..errors import LmforgeError
 from ..models import build_model
+from ..models.loss import token_cross_entropy
 from .optim import build_optimizers
 from .precision import (
     PROBE_SECONDS,
@@ -54,31 +55,49 @@ def load_reference():
     return mod
 
 
-def _time_steps(model, optimizers, batch_size, seq_len, vocab, device, autocast, steps, warmup, grad_clip=1.0):
+def bench_step(model, optimizers, batch, autocast, grad_clip: float = 1.0, loss_fn=token_cross_entropy) -> torch.Tensor:
+    """One training step as `lmforge train` takes it: forward, loss, backward, clipping, optimizer step.
+
+    batch is (inputs, targets), both (B, T) token ids; loss_fn(logits (N, V), targets (N,)) is lmforge's
+    cross-entropy, or F.cross_entropy for the textbook reference. Returns the loss (not synchronised).
+    """
+    inp, tgt = batch
+    with autocast():
+        logits = model(inp)
+    loss = loss_fn(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _time_steps(
+    model,
+    optimizers,
+    batch_size,
+    seq_len,
+    vocab,
+    device,
+    autocast,
+    steps,
+    warmup,
+    grad_clip=1.0,
+    loss_fn=token_cross_entropy,
+):
     """Seconds per optimizer step, after warmup steps, on random tokens."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(device)
-    inp, tgt = x[:, :-1], x[:, 1:]
+    batch = (x[:, :-1], x[:, 1:])
     model.train()
-
-    def one():
-        with autocast():
-            logits = model(inp)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-
     for _ in range(warmup):
-        one()
+        bench_step(model, optimizers, batch, autocast, grad_clip, loss_fn)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = one()
+        loss = bench_step(model, optimizers, batch, autocast, grad_clip, loss_fn)
     loss.item()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -124,7 +143,11 @@ def bench_train(
     times = {"lmforge": [], "reference": []}
     for _ in range(rounds):  # interleave so background load hits both alike
         times["lmforge"].append(_time_steps(ours_fwd, ours_opts, B, T, mcfg.vocab_size, dev, autocast, steps, warmup))
-        times["reference"].append(_time_steps(ref, [ref_opt], B, T, mcfg.vocab_size, dev, ref_autocast, steps, warmup))
+        times["reference"].append(
+            _time_steps(
+                ref, [ref_opt], B, T, mcfg.vocab_size, dev, ref_autocast, steps, warmup, loss_fn=F.cross_entropy
+            )
+        )
         warmup = 1
     out = {
         "preset": preset_name,

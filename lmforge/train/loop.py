@@ -38,7 +38,7 @@ from .checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from .distributed import DistInfo, Parallel, broadcast_object, init_distributed, shutdown, wrap
+from .distributed import DistInfo, Parallel, _full, broadcast_object, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
 from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
 from .state import (
@@ -113,7 +113,7 @@ def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, de
     report = Reporter(run_dir, task, setup, state, tc, log)
 
     # the loop: step, log, evaluate now and then, checkpoint now and then, until the budget is spent
-    last_eval, interrupted = {}, False
+    last_eval, interrupted, bad_in_row = {}, False, 0
     with StopFlag() as stop:
         state.start_clock()
         while state.progress(tc) < 1.0:
@@ -123,7 +123,8 @@ def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, de
             lr = lr_factor(tc, state.step, state.progress(tc))
             result = train_step(setup, task, state.data_rng, lr)
             state.advance(result.tokens)
-            if state.step % tc.log_interval == 0 or state.step == 1:
+            bad_in_row = _guard(result, state, report, bad_in_row)  # a skipped step is logged there
+            if not result.skipped and (state.step % tc.log_interval == 0 or state.step == 1):
                 report.step(state, result, lr)
             if state.progress(tc) >= 1.0:
                 break  # the final evaluation and checkpoint follow
@@ -244,11 +245,17 @@ def _precision(requested: str, device: torch.device, log) -> str:
 # --- the step -------------------------------------------------------------------------------------
 
 
+# A run stops after this many optimizer steps in a row with a non-finite loss or gradient (each one skipped).
+NONFINITE_LIMIT = 3
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's share of the step's mean token loss: summed over ranks, it is the mean
     tokens: int  # predicted tokens of the step, all ranks together
     aux: dict  # MoE router losses of the step {name: mean over micro-batches}; {} for dense models
+    grad_norm: torch.Tensor | None = None  # total gradient norm before clipping (a scalar tensor)
+    skipped: bool = False  # the loss or gradient was not finite: the optimizer step was skipped
 
 
 def train_step(setup: Setup, task: Task, data_gen: torch.Generator, lr_factor: float) -> StepResult:
@@ -279,8 +286,8 @@ def train_step(setup: Setup, task: Task, data_gen: torch.Generator, lr_factor: f
         (s.scaler.scale(objective) if s.scaler is not None else objective).backward()
         loss_sum += nats.detach()
         aux_sums = {k: aux_sums.get(k, 0.0) + v.detach() / s.accum for k, (_, v) in aux.items()}
-    _optimizer_step(s)
-    return StepResult(loss_sum / max(1, tokens), tokens, aux_sums)
+    grad_norm, skipped = _optimizer_step(s, loss_sum)
+    return StepResult(loss_sum / max(1, tokens), tokens, aux_sums, grad_norm, skipped)
 
 
 def draw_step(task: Task, data_gen: torch.Generator, device, accum: int) -> list:
@@ -290,19 +297,51 @@ def draw_step(task: Task, data_gen: torch.Generator, device, accum: int) -> list
     return [task.batch(data_gen, device) for _ in range(accum)]
 
 
-def _optimizer_step(s: Setup) -> None:
-    """Unscale (fp16), clip, step every optimizer, zero the gradients."""
+def _optimizer_step(s: Setup, loss_sum: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Unscale (fp16), clip, step every optimizer unless the loss or gradient is not finite, zero the gradients.
+
+    Returns (the total gradient norm before clipping, whether the step was skipped). The finiteness check
+    reads one scalar per step (a device sync) and agrees across ranks. With fp16's grad scaler an infinite
+    gradient is routine (the scale was too high: the scaler skips that step and lowers it), so there only a
+    non-finite loss counts.
+    """
     if s.scaler is not None:
         for opt in s.optimizers:
             s.scaler.unscale_(opt)
+    params = [p for p in s.model.parameters() if p.grad is not None]
     if s.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
-    for opt in s.optimizers:
-        s.scaler.step(opt) if s.scaler is not None else opt.step()
-    if s.scaler is not None:
-        s.scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    bad = not torch.isfinite(loss_sum) or (s.scaler is None and not torch.isfinite(_full(grad_norm)))
+    skipped = s.parallel.any(bad)
+    if not skipped:
+        for opt in s.optimizers:
+            s.scaler.step(opt) if s.scaler is not None else opt.step()
+        if s.scaler is not None:
+            s.scaler.update()
     for opt in s.optimizers:
         opt.zero_grad(set_to_none=True)
+    return grad_norm.detach(), skipped
+
+
+def _guard(result: StepResult, state: RunState, report: Reporter, bad_in_row: int) -> int:
+    """Count a skipped (non-finite) step, record it, and stop the run after NONFINITE_LIMIT in a row.
+
+    Returns the new count of skipped steps in a row (0 after a good step). The weights are untouched by
+    skipped steps, so the run's last checkpoint and model.safetensors stay usable."""
+    if not result.skipped:
+        return 0
+    bad_in_row += 1
+    loss = float(report.parallel.sum(result.loss))
+    report.skipped(state, loss, float(_full(result.grad_norm)), bad_in_row)
+    if bad_in_row >= NONFINITE_LIMIT:
+        raise LmforgeError(
+            f"training diverged: the loss or gradient was not finite for {bad_in_row} steps in a row "
+            f"(up to step {state.step}; those optimizer steps were skipped). Try a lower --lr, a warmup "
+            f"(--warmup_steps), gradient clipping (--grad_clip 1.0) or fp32 (--precision fp32)"
+        )
+    return bad_in_row
 
 
 # --- log, evaluate, checkpoint ----------------------------------------------------------------------
@@ -329,15 +368,26 @@ class Reporter:
         extra = moe.training_metrics(self.parallel.model, result.aux)  # router losses and load; {} for dense
         lr = self.tc.lr * lr_factor
         rec = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "tokens_per_s": rate}
+        if result.grad_norm is not None:
+            rec["grad_norm"] = float(_full(result.grad_norm))
         rec["elapsed"] = round(state.elapsed, 2)
         if mfu is not None:
             rec["mfu"] = mfu
         self.metrics.write({**rec, **extra})
         self.log(
             f"step {state.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s"
+            + (f" | grad norm {rec['grad_norm']:.3g}" if "grad_norm" in rec else "")
             + (f" | MFU {100 * mfu:4.1f}%" if mfu is not None else "")
             + f" | {100 * p:5.1f}% | ETA {fmt_time(eta)}"
             + moe.describe(extra)
+        )
+
+    def skipped(self, state: RunState, loss: float, grad_norm: float, in_row: int) -> None:
+        """A step whose loss or gradient was not finite: its optimizer step was skipped."""
+        self.metrics.write({"step": state.step, "loss": loss, "grad_norm": grad_norm, "skipped": True})
+        self.log(
+            f"step {state.step:>6} | loss {loss} | grad norm {grad_norm} | not finite: optimizer step skipped "
+            f"({in_row} in a row; the run stops at {NONFINITE_LIMIT})"
         )
 
     def eval(self, state: RunState, res: dict, line: str) -> None:

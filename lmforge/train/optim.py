@@ -16,7 +16,7 @@ from torch import nn
 
 @torch.no_grad()
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise g (rows x cols): returns ~U V^T of g's SVD, by a quintic iteration.
+    """Approximately orthogonalise g (rows x cols, or a batch (n, rows, cols)): ~U V^T of its SVD, by iteration.
 
     The coefficients (a, b, c) make the iteration push singular values in (0, 1] towards ~1 fast;
     it does not converge exactly to 1 (values land roughly in [0.7, 1.2]), which works as well in
@@ -24,20 +24,24 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     if transposed:
-        x = x.T
+        x = x.mT
     return x.to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters: SGD momentum (Nesterov), orthogonalised, scaled by sqrt(max(1, rows/cols))."""
+    """Muon for 2-D parameters: SGD momentum (Nesterov), orthogonalised, scaled by sqrt(max(1, rows/cols)).
+
+    Matrices of the same shape (e.g. the same projection of every layer) are orthogonalised together
+    as one batch: the same arithmetic in a few large matrix multiplies instead of many small ones.
+    """
 
     def __init__(
         self,
@@ -60,20 +64,25 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"])
-                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                if p.grad is not None:
+                    by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for params in by_shape.values():
+                grads = [p.grad for p in params]
+                bufs = []
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(self.state[p]["momentum_buffer"])
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                updates = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+                ortho = newton_schulz(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
+                scale = max(1.0, params[0].shape[0] / params[0].shape[1]) ** 0.5
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(ortho.unbind(0)), alpha=-group["lr"] * scale)
         return loss
 
 
@@ -104,10 +113,12 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
     """AdamW alone, or Muon for hidden matrices + AdamW for the rest (cfg.optimizer = 'adamw' | 'muon').
 
     Every param group carries 'base_lr'; the schedule multiplies it by the same warmup/cosine factor.
-    AdamW decays matrix weights only (never norms, biases or embeddings).
+    AdamW decays matrix weights only (never norms, biases or embeddings). AdamW is fused on CUDA and CPU.
     """
     groups = split_parameters(model)
-    fused = device.type == "cuda"
+    # The fused AdamW kernel updates all parameters in one pass per tensor (CUDA and CPU): on a CPU the
+    # unfused step is a dozen separate elementwise passes per tensor, a large share of a small model's step.
+    fused = device.type in ("cuda", "cpu")
     adam_groups = [
         {"params": groups["head"], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
         {"params": groups["embed"], "weight_decay": 0.0, "base_lr": cfg.lr},
@@ -129,10 +140,20 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
 
 
 def lr_factor(cfg, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio as progress goes 0 -> 1."""
+    """The learning-rate multiplier at optimizer step `step` with `progress` (0 -> 1) of the budget used.
+
+    Linear warmup over warmup_steps, times the shape of cfg.schedule:
+    - "cosine": from 1 down to min_lr_ratio along half a cosine over the whole run;
+    - "wsd" (warmup-stable-decay, Hu et al. 2024, "MiniCPM"): 1 until the last decay_fraction of the run,
+      then linear down to min_lr_ratio. The run learns at full rate for longer and anneals at the end.
+    """
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     progress = min(max(progress, 0.0), 1.0)
-    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        start = 1.0 - cfg.decay_fraction
+        return warm * (1.0 if progress <= start else 1.0 - (1.0 - lo) * (progress - start) / cfg.decay_fraction)
+    return warm * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def lr_at(cfg, step: int, progress: float) -> float:

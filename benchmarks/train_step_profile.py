@@ -1,0 +1,98 @@
+"""Where does the time of one training step go? torch.profiler over a few steps, grouped by kind of work.
+
+    flock /tmp/lmforge-cpu.lock python benchmarks/train_step_profile.py --preset tiny --precision fp32
+    flock /tmp/lmforge-cpu.lock python benchmarks/train_step_profile.py --preset gpt2-tiny --precision fp32
+
+The step is the one `lmforge bench train` times (forward, loss, backward, clipping, optimizer step) on
+random tokens. Self CPU time of every operator is summed into: matmul (mm/addmm/bmm and the linear
+layers' backward), attention (the SDPA kernels), loss (log-softmax / cross-entropy over the vocabulary),
+norms, activations, optimizer (AdamW / Muon / clipping), embedding, and the rest (copies, views, adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lmforge.config import preset
+from lmforge.models import build_model
+from lmforge.train.bench import bench_step
+from lmforge.train.optim import build_optimizers
+from lmforge.train.precision import autocast_for
+
+KINDS = [  # (kind, substrings of operator names), first match wins
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int")),
+    (
+        "loss",
+        (
+            "log_softmax",
+            "nll_loss",
+            "cross_entropy",
+            "crossentropy",
+            "softmax_backward",
+            "logsumexp",
+            "aten::exp",
+            "gather",
+            "aten::sub",
+        ),
+    ),
+    ("norm", ("layer_norm", "rms_norm", "rsqrt", "aten::pow", "aten::mean", "aten::norm")),
+    ("activation", ("gelu", "relu", "silu", "tanh", "threshold_backward", "aten::square")),
+    ("optimizer", ("adam", "_foreach", "Optimizer", "newton", "lerp", "addcdiv", "addcmul", "sqrt", "clip")),
+    ("embedding", ("embedding",)),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k.lower() in low for k in keys):
+            return kind
+    return "other"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    cfg = preset(args.preset)
+    mc, tc = cfg.model, cfg.train
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_model(mc)
+    opts = build_optimizers(model, tc, dev)
+    autocast = autocast_for(dev, args.precision)
+    x = torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size + 1))
+    batch = (x[:, :-1], x[:, 1:])
+    model.train()
+    for _ in range(3):
+        bench_step(model, opts, batch, autocast, tc.grad_clip)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            bench_step(model, opts, batch, autocast, tc.grad_clip)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    by_kind = defaultdict(float)
+    for e in events:
+        by_kind[kind_of(e.key)] += e.self_cpu_time_total
+    print(f"{args.preset} {args.precision}: {total / 1e3 / args.steps:.0f} ms per step (self CPU time, profiled)")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<11} {100 * t / total:5.1f} %  {t / 1e3 / args.steps:7.1f} ms")
+    print(f"\ntop {args.top} operators by self CPU time:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+        print(
+            f"  {e.key:<50} {kind_of(e.key):<11} {100 * e.self_cpu_time_total / total:5.1f} %  "
+            f"{e.count // args.steps:>4} calls/step"
+        )
+
+
+if __name__ == "__main__":
+    main()
