@@ -267,8 +267,9 @@ def _decoder_steps(hf: _HFTokenizer) -> list[dict] | None:
 
 
 def _depends_on_position(steps: list[dict] | None) -> bool:
-    """Whether a piece adds other bytes when it opens the text (no decoder: no separating space before it)."""
-    return steps is not None and (not steps or any(step["type"] in ("Strip", "Metaspace") for step in steps))
+    """Whether a piece may add other bytes when it opens the text: no decoder (no separating space before it),
+    Strip and Metaspace (the text's first space), and any decoder we do not model (decoded alone, to be safe)."""
+    return steps is None or not steps or any(step["type"] in ("Strip", "Metaspace") for step in steps)
 
 
 def _piece_bytes(piece: str, steps: list[dict], first: bool) -> bytes:
