@@ -243,19 +243,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
-    """The transformers config.json for an lmforge model config, or a clear error naming what does not fit."""
-    problems = []
-    moe = cfg.moe_experts > 0
-    if cfg.qk_norm:
-        problems.append("qk_norm")
-    if (
-        cfg.sliding_window and not moe
-    ):  # Mixtral has a window (same convention: W positions, itself included); Llama has none
-        problems.append("sliding_window")
-    if cfg.attn_softcap or cfg.logit_softcap:
-        problems.append("softcapping")
-    gpt2_like = (
+def _gpt2_like(cfg: ModelConfig) -> bool:
+    return (
         cfg.norm == "layernorm"
         and cfg.pos == "learned"
         and cfg.mlp in ("gelu", "gelu_tanh")
@@ -263,7 +252,23 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
         and cfg.norm_bias
         and cfg.kv_heads == cfg.n_head
     )
-    llama_like = cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu"
+
+
+def _llama_like(cfg: ModelConfig) -> bool:
+    return cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu"
+
+
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """What in `cfg` no Hugging Face GPT-2 / Llama / Mixtral config can express (empty: it exports)."""
+    problems = []
+    moe = cfg.moe_experts > 0
+    gpt2_like, llama_like = _gpt2_like(cfg), _llama_like(cfg)
+    if cfg.qk_norm:
+        problems.append("qk_norm")
+    if cfg.sliding_window and not moe:  # Mixtral has a window (same convention: W positions, itself included)
+        problems.append("sliding_window")
+    if cfg.attn_softcap or cfg.logit_softcap:
+        problems.append("softcapping")
     if not (gpt2_like or llama_like):
         problems.append(
             f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias} (GPT-2 needs layernorm/learned/gelu/bias; "
@@ -282,6 +287,14 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
             problems.append("moe_shared_expert")
         if not cfg.moe_renormalize:
             problems.append("moe_renormalize=false")
+    return problems
+
+
+def hf_config_from_model(cfg: ModelConfig, eos_id: int | None) -> dict:
+    """The transformers config.json for an lmforge model config, or a clear error naming what does not fit."""
+    problems = export_problems(cfg)
+    moe = cfg.moe_experts > 0
+    gpt2_like = _gpt2_like(cfg)
     if problems:
         raise LmforgeError("cannot export to Hugging Face: unsupported " + "; ".join(problems))
     if gpt2_like:
