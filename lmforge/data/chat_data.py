@@ -227,18 +227,25 @@ CHAT_DEMOS = {
 def chat_demo(name: str, split: str) -> list[list[dict]]:
     """The 'train', 'val' or 'test' conversations of a demo (the same on every machine). A conversation goes to
     a split by a hash of its key (skills: the last user message, so no held-out final question was seen in
-    training; colors: the whole conversation)."""
+    training; colors: the whole conversation). Held-out splits hold each distinct conversation once, so a
+    majority answer cannot score by repetition."""
     if name not in CHAT_DEMOS:
         raise ChatDataError(f"unknown chat demo {name!r}; available: {', '.join(CHAT_DEMOS)}")
     _, make, size, key_of = CHAT_DEMOS[name]
     rng = random.Random(f"lmforge-chat-demo-{name}")
-    out = []
+    out, seen = [], set()
     for _ in range(size):
         conv = make(rng)
         key = key_of(conv).encode()
         bucket = int.from_bytes(hashlib.sha256(key).digest()[:4], "little") % 20
-        if {"train": bucket > 1, "val": bucket == 1, "test": bucket == 0}[split]:
-            out.append(conv)
+        if not {"train": bucket > 1, "val": bucket == 1, "test": bucket == 0}[split]:
+            continue
+        if split != "train":  # held-out splits count each conversation once (short ones are drawn many times)
+            whole = json.dumps(conv)
+            if whole in seen:
+                continue
+            seen.add(whole)
+        out.append(conv)
     return out
 
 
