@@ -69,8 +69,9 @@ class PackedLinear(nn.Module):
 
     @torch.compiler.disable  # an opaque oneDNN tensor: torch.compile runs this layer as it is
     def forward(self, x):
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, self.bias, "none", [], "")
-        return y.to(x.dtype)
+        # .default: the op itself, without the overload resolution of a call through its packet (per token, per layer)
+        h = x.to(self.dtype).contiguous()
+        return torch.ops.mkldnn._linear_pointwise.default(h, self.packed, self.bias, "none", [], "").to(x.dtype)
 
 
 class DenseLinear(nn.Module):
@@ -131,7 +132,7 @@ class DynamicInt8Linear(nn.Module):
 
     @torch.compiler.disable
     def forward(self, x):
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic.default(x.float().contiguous(), self.packed, True).to(x.dtype)
 
 
 # kernel -> (module built from an nn.Linear, or None to keep it; whether only layers >= PACK_MIN_WEIGHTS change)
