@@ -292,6 +292,7 @@ class TrainConfig:
         4096  # tokenizer size when lmforge trains one for the run (the model vocabulary follows it)
     )
     split_digits: bool = False  # when lmforge trains the tokenizer: every digit a token of its own
+    text_field: str = "text"  # the .jsonl field, .parquet column or Hugging Face dataset column holding the text
     val_fraction: float = 0.01
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -343,6 +344,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         need(self.train_on in ("assistant", "all"), f"unknown train_on {self.train_on!r} (assistant, all)")
+        need(bool(self.text_field), "text_field must not be empty")
 
 
 @dataclass
