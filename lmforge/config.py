@@ -308,6 +308,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     parallel: str = "ddp"  # ddp | fsdp, used under torchrun with more than one process
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    wandb: str | None = None  # a Weights & Biases project to log to as well (needs the wandb package)
     # chat fine-tuning (lmforge finetune)
     train_on: str = "assistant"  # assistant: loss on the assistant's replies only | all: on every token
     pack: bool = True  # several conversations per row (attention and positions reset at each); False: one, padded
@@ -345,6 +346,7 @@ class TrainConfig:
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         need(self.train_on in ("assistant", "all"), f"unknown train_on {self.train_on!r} (assistant, all)")
         need(bool(self.text_field), "text_field must not be empty")
+        need(self.wandb is None or bool(self.wandb.strip()), "wandb must name a project")
 
 
 @dataclass
