@@ -147,6 +147,8 @@ def test_spec_parsing(tmp_path, monkeypatch):
     assert parse_spec("hf:wikitext").split is None
     (tmp_path / "org" / "name").mkdir(parents=True)  # an existing directory wins over the Hub name
     assert parse_spec("hf:org/name").local and parse_spec("hf:org/name:test").split == "test"
+    monkeypatch.setenv("HOME", str(tmp_path))  # the shell leaves ~ after hf: alone: we expand it
+    assert parse_spec("hf:~/org/name:test").name == str(tmp_path / "org" / "name")
 
 
 # --- the Hub, streamed (replaced here by a local stream) ------------------------------------------------------

@@ -13,7 +13,9 @@ cannot be a Hub name (starting with `.`, `/` or `~`, or with more than one `/`) 
     HFSource      the texts of one column (`--text-field`, default `text`), a size estimate for progress, and the
                   identity a cache key needs (what was asked for and, for a folder, its files' sizes and times)
     retrying      a stream of rows that survives network errors: reopened where it stopped, with exponential
-                  backoff; after `attempts` failures in a row without progress, one clear error line
+                  backoff; after `attempts` failures in a row without progress, one clear error line. A Hub
+                  stream resumes by `IterableDataset.skip(n)`, which streams the first n rows again: slower
+                  than its `state_dict()`, but that one was seen to lose the row being read when the error came
 
 `datasets` is an optional dependency (`pip install 'lmforge[datasets]'`), imported only here, only when used.
 """
@@ -34,7 +36,7 @@ from ..errors import LmforgeError
 
 PREFIX = "hf:"
 DEFAULT_SPLIT = "train"
-ROWS_PER_READ = 1000  # rows read from the arrow files at a time (a folder): bounded memory
+ROWS_PER_READ = 64  # rows read from a folder's arrow files at a time: memory stays bounded even for books
 RETRIES = 5  # network failures in a row (without a row of progress) before giving up
 BACKOFF = 2.0  # seconds before the first retry; doubled at each failure in a row (2, 4, 8, 16, 32: ~1 minute)
 
@@ -64,11 +66,11 @@ def parse_spec(spec: str) -> HFSpec:
         raise LmforgeError(
             "hf: needs a dataset: hf:NAME[:CONFIG][:SPLIT] (the Hub) or hf:FOLDER[:SPLIT] (save_to_disk)"
         )
-    if Path(rest).is_dir():
-        return HFSpec(rest, None, None, True, spec)
+    if Path(rest).expanduser().is_dir():
+        return HFSpec(str(Path(rest).expanduser()), None, None, True, spec)
     head, _, tail = rest.rpartition(":")
-    if head and Path(head).is_dir():
-        return HFSpec(head, None, tail or None, True, spec)
+    if head and Path(head).expanduser().is_dir():
+        return HFSpec(str(Path(head).expanduser()), None, tail or None, True, spec)
     parts = rest.split(":")
     if len(parts) > 3:
         raise LmforgeError(f"{spec}: too many ':' parts (hf:NAME[:CONFIG][:SPLIT])")
