@@ -7,6 +7,7 @@ import importlib.machinery
 import json
 import struct
 import sys
+import time
 import types
 
 import pytest
@@ -14,8 +15,8 @@ from conftest import TINY_ARGS, run_cli
 
 from lmforge.config import Config, ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError
+from lmforge.runs import WANDB_RUN
 from lmforge.train.loop import train
-from lmforge.train.state import WANDB_RUN
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -71,8 +72,16 @@ def test_offline_run_holds_the_metrics(tmp_path, monkeypatch, capsys, corpus_dir
     args = ["train", corpus_dir, "--out", run, "--max-steps", "6", *TINY_ARGS, "--log_interval", "1"]
     code, _, err = run_cli(capsys, *args, "--eval_interval", "3", "--wandb", "lmforge-test")
     assert code == 0, err
+    import wandb
+
+    wandb.teardown()  # the W&B service process writes the run file: let it finish (it may close the file late)
     (run_file,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
     records = read_wandb_file(run_file)
+    for _ in range(300):  # a loaded machine: wait (at most a minute) for the run's last record, "exit"
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.2)
+        records = read_wandb_file(run_file)
     history = [
         {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
         for r in records

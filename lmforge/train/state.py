@@ -24,9 +24,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..io import write_json_atomic, write_text_atomic
-from ..runs import CONFIG, METRICS
-
-WANDB_RUN = "wandb.json"  # the Weights & Biases run id of a run directory, so that --resume continues that run
+from ..runs import CONFIG, METRICS, WANDB_RUN
 
 
 @dataclass
