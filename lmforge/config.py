@@ -342,6 +342,11 @@ class TrainConfig:
             f"unknown precision {self.precision!r} (auto, fp32, bf16, fp16)",
         )
         need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r} (ddp, fsdp)")
+        need(
+            not (self.parallel == "fsdp" and self.optimizer == "muon"),
+            "--optimizer muon does not work with --parallel fsdp yet (it orthogonalises whole matrices, FSDP "
+            "shards them): add --optimizer adamw, or use --parallel ddp",
+        )
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         need(self.train_on in ("assistant", "all"), f"unknown train_on {self.train_on!r} (assistant, all)")
@@ -386,9 +391,12 @@ _LLAMA = dict(
 # name -> (description, model fields, train fields)
 PRESETS: dict[str, tuple[str, dict, dict]] = {
     "tiny": (
-        "GPT-2 style, CPU-sized: the default, a few minutes on 2 cores",
-        dict(_GPT2, n_layer=4, n_head=4, d_model=192, block_size=256, vocab_size=4096),
-        dict(batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240),
+        "the default, a few minutes on 2 cores: Llama block (RoPE, RMSNorm, SwiGLU, no biases, untied head), "
+        "Muon + AdamW, warmup-stable-decay (the recipe ablation's best exportable recipe)",
+        dict(_LLAMA, n_layer=4, n_head=4, d_model=192, d_ff=512, block_size=256, vocab_size=4096),
+        dict(
+            batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240, optimizer="muon", schedule="wsd"
+        ),
     ),
     "gpt2-tiny": (
         "GPT-2 at tiny size: the classic recipe (learned positions, LayerNorm, GELU, tied head, AdamW, cosine)",

@@ -42,7 +42,9 @@ def small_tokenizer(corpus_dir) -> Tokenizer:
     return Tokenizer.train(texts, 320)
 
 
-TINY_ARGS = [
+TINY_ARGS = [  # the classic GPT-2 recipe (the default `tiny` preset is Llama-style; llama_run covers that block)
+    "--preset",
+    "gpt2-tiny",
     "--n_layer",
     "2",
     "--n_head",

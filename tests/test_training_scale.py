@@ -111,6 +111,35 @@ def test_training_with_muon_learns(tmp_path, corpus_dir):
     assert res.final["val_loss"] < 2.5
 
 
+def test_default_preset_is_the_measured_modern_recipe_and_exports(tmp_path, corpus_dir, capsys):
+    """`lmforge train` with no --preset: the Llama block with Muon and WSD (benchmarks/recipe_ablation.py),
+    still expressible as a Hugging Face Llama (so convert --to-hf / --to-gguf keep working), and it learns."""
+    from lmforge.config import preset
+    from lmforge.interop.hf import export_problems
+
+    cfg = preset("tiny")
+    assert (cfg.train.optimizer, cfg.train.schedule) == ("muon", "wsd")
+    assert (cfg.model.pos, cfg.model.norm, cfg.model.mlp, cfg.model.bias) == ("rope", "rmsnorm", "swiglu", False)
+    assert export_problems(cfg.model) == []
+    sizes = [a for a in TINY_ARGS if a not in ("--preset", "gpt2-tiny")]  # the default preset, scaled down
+    run = tmp_path / "default"
+    code, _, err = run_cli(capsys, "train", corpus_dir, "--out", run, "--max-steps", 40, *sizes, "--sample_tokens", 0)
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["optimizer"] == "muon" and saved["model"]["pos"] == "rope"
+    ls = losses(run)
+    assert sum(ls[-5:]) / 5 < 0.7 * sum(ls[:3]) / 3
+    code, _, err = run_cli(capsys, "convert", "--to-hf", run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_muon_with_fsdp_is_refused_in_one_line(capsys, corpus_dir, tmp_path):
+    code, out, err = run_cli(capsys, "train", corpus_dir, "--out", tmp_path / "r", "--parallel", "fsdp")
+    assert code != 0 and "--optimizer muon does not work with --parallel fsdp" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 # --- precision, compile, activation checkpointing ----------------------------------------------
 
 
@@ -318,6 +347,8 @@ def test_two_processes_match_one(tmp_path, corpus_dir, parallel):
         "2",
         "--tokens_per_step",
         "512",
+        # the default preset's Muon under DDP; FSDP shards matrices, which Muon does not take yet
+        *(["--optimizer", "adamw"] if parallel == "fsdp" else []),
     ]
     one = tmp_path / "one"
     r = subprocess.run(
