@@ -22,7 +22,9 @@ def _launch(tmp_path, run: Path) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stubs = {
-        "scontrol": 'printf "gpu-a17\\ngpu-a18\\n"',  # scontrol show hostnames: one host per line
+        # scontrol show hostnames: one host per line; a long list, as a big allocation has (a script that stops
+        # reading early would get SIGPIPE and, under pipefail, fail)
+        "scontrol": 'for i in $(seq 17 20000); do echo "gpu-a$i"; done',
         "srun": 'while [[ $1 == --* ]]; do shift; done; exec "$@"',  # srun's own options, then the command
         "torchrun": 'printf "%s\\n" "$@"',
     }
