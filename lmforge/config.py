@@ -387,11 +387,12 @@ _LLAMA = dict(
 # name -> (description, model fields, train fields)
 PRESETS: dict[str, tuple[str, dict, dict]] = {
     "tiny": (
-        "the default, a few minutes on 2 cores: Llama block (RoPE, RMSNorm, SwiGLU, no biases, untied head), "
-        "Muon + AdamW, warmup-stable-decay (the recipe ablation's best exportable recipe)",
-        dict(_LLAMA, n_layer=4, n_head=4, d_model=192, d_ff=512, block_size=256, vocab_size=4096),
+        "the default, a few minutes on 2 cores: Llama block (RoPE, RMSNorm, SwiGLU, no biases, untied head, "
+        "zero-initialised output projections), Muon + AdamW (lr 6e-3), warmup-stable-decay: the recipe ablation's "
+        "best exportable recipe",
+        dict(_LLAMA, n_layer=4, n_head=4, d_model=192, d_ff=512, block_size=256, vocab_size=4096, zero_init_proj=True),
         dict(
-            batch_size=16, lr=3e-3, warmup_steps=30, eval_interval=100, max_time=240, optimizer="muon", schedule="wsd"
+            batch_size=16, lr=6e-3, warmup_steps=30, eval_interval=100, max_time=240, optimizer="muon", schedule="wsd"
         ),
     ),
     "gpt2-tiny": (
