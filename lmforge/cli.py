@@ -190,6 +190,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-path", default=None, help="--tasks: a folder of your own task YAML files")
     ev.add_argument("--batch-size", type=int, default=16, help="--tasks: sequences scored together")
     ev.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="--tasks: prompts as conversations in the run's chat template (few-shot examples as earlier turns)",
+    )
+    ev.add_argument(
+        "--fewshot-as-multiturn",
+        choices=("true", "false"),
+        default=None,
+        help="--tasks with --apply-chat-template: few-shot examples as earlier turns (default true) or one message",
+    )
+    ev.add_argument("--system-instruction", default=None, help="--tasks: a system message opening every prompt")
+    ev.add_argument(
         "--demo",
         metavar="NAME",
         help="the held-out test split of a built-in demo task (seq2seq runs; chat runs: colors, skills)",
@@ -695,6 +707,8 @@ def _eval(args):
         return _eval_tasks(args)
     if args.limit is not None or args.num_fewshot is not None or args.include_path is not None:
         raise LmforgeError("--limit, --num-fewshot and --include-path go with --tasks")
+    if args.apply_chat_template or args.fewshot_as_multiturn or args.system_instruction is not None:
+        raise LmforgeError("--apply-chat-template, --fewshot-as-multiturn and --system-instruction go with --tasks")
 
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
@@ -726,11 +740,22 @@ def _eval_tasks(args):
         raise LmforgeError("--tasks needs at least one task name")
     if args.batch_size < 1 or (args.limit is not None and args.limit <= 0) or (args.num_fewshot or 0) < 0:
         raise LmforgeError("--batch-size and --limit must be positive, --num-fewshot >= 0")
+    if args.fewshot_as_multiturn == "true" and not args.apply_chat_template:
+        raise LmforgeError("--fewshot-as-multiturn true needs --apply-chat-template (turns are chat turns)")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     from .evaluation import harness
 
     results, path = harness.run_tasks(
-        args.run, tasks, limit, args.num_fewshot, args.include_path, args.batch_size, args.device
+        args.run,
+        tasks,
+        limit,
+        args.num_fewshot,
+        args.include_path,
+        args.batch_size,
+        args.device,
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=None if args.fewshot_as_multiturn is None else args.fewshot_as_multiturn == "true",
+        system_instruction=args.system_instruction,
     )
     print(harness.results_table(results))
     print(f"full results: {path}")
