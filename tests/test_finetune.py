@@ -132,6 +132,12 @@ def test_packed_row_equals_each_conversation_alone(chat_tok, arch):
             start += len(inputs)
         second = len(ex[0][0])  # without segments, the second conversation would see the first
         assert not torch.allclose(model(rows.x)[0, second : second + 2], packed[second : second + 2], atol=1e-3)
+    padded = pack(ex, 64, chat_tok.eos_id, pack=False)  # --pack false: one conversation a row, padded
+    assert len(padded) == 3 and padded.lengths.tolist() == [len(i) for i, _ in ex]
+    for row, (inputs, labels) in enumerate(ex):
+        n = len(inputs)
+        assert padded.x[row, :n].tolist() == inputs and padded.y[row, :n].tolist() == labels
+        assert (padded.y[row, n:] == IGNORE).all() and (padded.x[row, n:] == chat_tok.eos_id).all()
 
 
 def test_assistant_only_loss_goes_to_zero_where_all_tokens_cannot(chat_tok):
@@ -245,6 +251,20 @@ def test_custom_template_markers_become_special_tokens(tiny_run, tmp_path, capsy
     assert add_template_tokens(tok2, inst) == [] and add_template_tokens(tok2, inst, [">>"]) == [">>"]
     code, _, err = run_cli(capsys, *_finetune_args(tmp_path, tiny_run, "--out", tmp_path / "z", "--chat-token", ">>"))
     assert code == 1 and "--chat-token names markers of a --chat-template FILE" in err
+
+
+def test_base_runs_own_template_is_kept(tiny_run, tmp_path, capsys):
+    """A base run with a template of its own (as one imported from Hugging Face) keeps it, and its tokenizer."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run, base, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    (base / "chat_template.jinja").write_text(CHATML)
+    out = tmp_path / "own"
+    code, log, err = run_cli(capsys, *_finetune_args(tmp_path, base, "--out", out, "--max-steps", "1"))
+    assert code == 0, err
+    assert (out / "chat_template.jinja").read_text() == CHATML and "added" not in log
+    assert load(out)[1].vocab_size == load(tiny_run)[1].vocab_size
 
 
 def test_accumulated_micro_batches_equal_one_batch(tiny_run, tmp_path):
