@@ -433,6 +433,33 @@ def test_finetune_then_serve_quick(tiny_run, tmp_path, capsys):
     assert code == 1 and "has no chat template" in err
 
 
+def test_generate_chat_keeps_the_history(tiny_run, tmp_path, capsys, monkeypatch):
+    """`generate RUN --chat`: each reply is the model's greedy reply to the whole conversation so far, in the run's
+    template (the system message, earlier turns and the model's own earlier replies); a base run gets the plain
+    template."""
+    import io
+
+    from lmforge.inference.chat_session import replies
+
+    out = tmp_path / "chat"
+    code, _, err = run_cli(capsys, *_finetune_args(tmp_path, tiny_run, "--out", out, "--max-steps", "6"))
+    assert code == 0, err
+    for run, template in ((out, (out / "chat_template.jinja").read_text()), (tiny_run, None)):
+        monkeypatch.setattr("sys.stdin", io.StringIO("a b c\nd e\n"))
+        code, printed, err = run_cli(
+            capsys, "generate", run, "--chat", "--greedy", "--max-new-tokens", 5, "--system", "hi"
+        )
+        assert code == 0, err
+        got = printed.split("> ")[1:3]  # each line typed is answered after the "> " prompt
+        model, tok = load(run)
+        history = [{"role": "system", "content": "hi"}, {"role": "user", "content": "a b c"}]
+        first = replies(model, tok, template, [history], 5)[0]
+        history += [{"role": "assistant", "content": first}, {"role": "user", "content": "d e"}]
+        second = replies(model, tok, template, [history], 5)[0]
+        assert got == [first + "\n", second + "\n"]
+    assert first.strip() and ("no chat template" in err)  # the base run answered (in the plain template)
+
+
 @pytest.mark.slow
 def test_finetune_then_serve_answers_held_out_chats(tiny_run, tmp_path, capsys):
     """End to end: fine-tune a tiny pretrained run on a generated chat task; the served model answers held-out
