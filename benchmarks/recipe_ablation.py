@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import shlex
 import sys
@@ -188,25 +189,40 @@ def recipe_config(name: str):
     return cfg
 
 
+def compute_key(cfg) -> str:
+    """What decides a recipe's step time: the model's shape and layers, the batch and the optimizer, not its
+    initialisation or learning-rate schedule (zeroinit, wsd and lr changes compute exactly what textbook does)."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("zero_init_proj", "init_std")}
+    train = {k: getattr(cfg.train, k) for k in ("batch_size", "optimizer", "tokenizer_vocab_size")}
+    return json.dumps([model, train], sort_keys=True)
+
+
 def step_seconds(names: list[str], vocab_size: int, precision: str, rounds: int = 3, steps: int = 3) -> dict:
-    """Seconds per optimizer step of each recipe on random tokens, interleaved (round-robin) so that background
-    load hits every recipe alike; the best of `rounds` for each. Uses `lmforge bench train`'s step."""
+    """Seconds per optimizer step of each recipe on random tokens, interleaved (round-robin, the order rotated
+    every round) so that background load hits every recipe alike; the best of `rounds` for each. Recipes that
+    compute the same thing (same compute_key) are timed once and share the figure. Uses `lmforge bench
+    train`'s step."""
     from lmforge.models import build_model
     from lmforge.train.bench import _time_steps
     from lmforge.train.optim import build_optimizers
     from lmforge.train.precision import autocast_for
 
     dev = torch.device("cpu")
-    built = {}
+    built, key_of = {}, {}
     for name in names:
         cfg = recipe_config(name)
         cfg.model.vocab_size = round_vocab(cfg.train.tokenizer_vocab_size, vocab_size)
+        key_of[name] = compute_key(cfg)
+        if key_of[name] in built:
+            continue
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        built[name] = (model, build_optimizers(model, cfg.train, dev), cfg)
-    times = {n: [] for n in names}
+        built[key_of[name]] = (model, build_optimizers(model, cfg.train, dev), cfg)
+    times = {k: [] for k in built}
+    keys = list(built)
     for r in range(rounds):
-        for name, (model, opts, cfg) in built.items():
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            model, opts, cfg = built[key]
             t = _time_steps(
                 model,
                 opts,
@@ -218,8 +234,8 @@ def step_seconds(names: list[str], vocab_size: int, precision: str, rounds: int 
                 steps,
                 2 if r == 0 else 1,
             )
-            times[name].append(t)
-    return {n: min(ts) for n, ts in times.items()}
+            times[key].append(t)
+    return {n: min(times[key_of[n]]) for n in names}
 
 
 def round_vocab(tokenizer_vocab: int, default_vocab: int) -> int:
@@ -332,6 +348,7 @@ def main():
     p.add_argument("--prose-mb", type=float, default=8.0)
     p.add_argument("--jobs", type=int, default=2, help="quality runs in parallel, one thread each (not timed)")
     p.add_argument("--out", default="bench-out/ablation")
+    p.add_argument("--rounds", type=int, default=3, help="step timing: interleaved rounds (the best counts)")
     p.add_argument("--phase", default="all", choices=["all", "time", "train"], help="time: step times only")
     p.add_argument("--table", action="store_true", help="print the table of all results in OUT (no training)")
     p.add_argument("--write", action="store_true", help="with --table: append it to benchmarks/RESULTS.md")
@@ -357,7 +374,7 @@ def main():
     stored = json.loads(times_path.read_text()) if times_path.is_file() else {}
     timing = list(dict.fromkeys(["textbook", *names]))
     if args.phase in ("all", "time"):
-        measured = step_seconds(timing, 4096, args.precision, rounds=2, steps=2)
+        measured = step_seconds(timing, 4096, args.precision, rounds=args.rounds, steps=3)
         # ratios to the textbook measured in the same round-robin are what carries across sessions
         rel = {n: t / measured["textbook"] for n, t in measured.items()}
         stored[args.precision] = {**stored.get(args.precision, {}), **rel}

@@ -2,7 +2,7 @@
 tolerance, each option picks a kernel this CPU can run, and a CPU without oneDNN's packed bf16 path
 (AVX2-only) is simulated here by making that path fail the way it fails there."""
 
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,35 +112,52 @@ def test_options_choose_a_runnable_kernel():
             assert k in Q.KERNELS[q] and Q.kernel_available(k) is None
 
 
-def test_kernel_choice_is_timed_once_and_kept(tmp_path, monkeypatch):
-    """The fastest runnable kernel wins; the timing runs once per machine and layer shapes."""
+def test_kernel_choice_is_timed_on_the_first_loads_and_kept(tmp_path, monkeypatch):
+    """Each kernel's best time over the first MEASURE_LOADS loads decides; later loads skip the timing.
+
+    The first load is timed on a 'busy machine' where the truly fastest kernel looked slowest; the best
+    times of the later loads correct the choice instead of keeping the first one for good."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    usable = Q.available_kernels("bf16")
+    fast, slow = usable[-1], usable[0]
     timed = []
 
     def measure(kernels, layers, seconds=Q.MEASURE_SECONDS):
         timed.append(list(kernels))
-        return {k: (0.001 if k == kernels[-1] else 0.002) for k in kernels}  # the last one is fastest
+        if len(timed) == 1:  # busy: the fastest kernel was slowed down
+            return {k: (0.009 if k == fast else 0.002) for k in kernels}
+        return {k: (0.001 if k == fast else 0.003) for k in kernels}
 
     monkeypatch.setattr(Q, "measure_kernels", measure)
     notes = []
-    first = Q.pack_for_inference(tiny_model(), "bf16", log=notes.append)
-    second = Q.pack_for_inference(tiny_model(), "bf16", log=notes.append)
-    usable = Q.available_kernels("bf16")
-    assert timed == [usable] and len(notes) == 1 and "timing" in notes[0]
-    want = {"bf16-linear": (Q.DenseLinear, False), "bf16-transposed": (Q.DenseLinear, True)}[usable[-1]]
-    for model in (first, second):
+    models = [Q.pack_for_inference(tiny_model(), "bf16", log=notes.append) for _ in range(Q.MEASURE_LOADS + 2)]
+    assert timed == [usable] * Q.MEASURE_LOADS and len(notes) == Q.MEASURE_LOADS and "timing" in notes[0]
+    want = {"bf16-linear": (Q.DenseLinear, False), "bf16-transposed": (Q.DenseLinear, True)}[fast]
+    if len(usable) > 1:  # the first, misled load picked the slow kernel
+        assert not any(type(m) is want[0] and m.transposed == want[1] for m in models[0].modules())
+        assert slow != fast
+    for model in models[1:]:
         layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Q.DenseLinear, Q.PackedLinear))]
         assert all(type(m) is want[0] and m.transposed == want[1] for m in layers)
 
 
-def test_measure_kernels_is_bounded():
+def test_measure_kernels_is_bounded(monkeypatch):
+    """The passes stop at the time budget (on a clock that ticks 10 ms per reading, so the bound does not
+    depend on how busy the machine is), after at least one warm-up and two timed passes."""
     torch.manual_seed(0)
-    layers = [nn.Linear(1024, 1024), nn.Linear(1024, 4096), nn.Linear(4096, 1024)]
+    layers = [nn.Linear(256, 256), nn.Linear(256, 1024)]
     kernels = Q.available_kernels("none") + Q.available_kernels("bf16")
-    t0 = time.perf_counter()
+    clock = iter(range(10**6))
+    monkeypatch.setattr(Q, "time", SimpleNamespace(perf_counter=lambda: next(clock) * 0.01))
     times = Q.measure_kernels(kernels, layers, seconds=0.3)
-    assert time.perf_counter() - t0 < 1.5  # 0.3 s of passes, plus building each kernel's layers
-    assert set(times) == set(kernels) and all(0 < t < 0.1 for t in times.values())
+    readings, k = next(clock), len(kernels)
+    # readings: the deadline, then a start per kernel in the warm-up pass, a start and a stop per kernel in
+    # every later pass, and from the third pass on one deadline check at its end
+    passes = 2 + (readings - 1 - 3 * k) / (2 * k + 1)
+    assert passes == int(passes) and passes >= 3
+    last_check = (readings - 1) * 0.01
+    assert last_check > 0.3 and (passes == 3 or last_check - (2 * k + 1) * 0.01 <= 0.3)  # stopped at the first chance
+    assert set(times) == set(kernels) and all(t == pytest.approx(0.01) for t in times.values())
 
 
 @torch.no_grad()

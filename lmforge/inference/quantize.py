@@ -24,8 +24,10 @@ Choosing a kernel (`choose_kernel`), in two steps:
      F.linear (`kernel_available`, once per process). No option ever takes a path the CPU cannot
      run; an option with no kernel left is refused in one line.
   2. which is fastest: the available ones are timed on the model's own first layers (up to
-     MEASURE_BYTES of weights, one token at a time, under MEASURE_SECONDS in all) and the winner is
-     kept per machine and layer shapes (lmforge.machine), so later loads skip the timing.
+     MEASURE_BYTES of weights, one token at a time, under MEASURE_SECONDS in all). Each kernel's best
+     time is kept per machine and layer shapes (lmforge.machine), improved by the first MEASURE_LOADS
+     loads and then trusted, so one load timed on a busy machine cannot fix a slow choice for good
+     (background load only ever makes a kernel look slower, and the best of three loads rarely all are).
 `pack_for_inference(..., kernel=NAME)` forces one (tests and benchmarks use it).
 
 The model becomes inference-only: parameters of the swapped layers are no longer trainable
@@ -52,7 +54,8 @@ KERNELS = {
     "int8-dynamic": ("int8-dynamic",),
 }
 PACK_MIN_WEIGHTS = 1 << 19  # fp32 layouts skip layers smaller than this (768 x 768 is repacked, 192 x 576 is not)
-MEASURE_SECONDS = 0.4  # choosing among an option's kernels, once per machine and model shape
+MEASURE_SECONDS = 0.4  # choosing among an option's kernels, on each of the first MEASURE_LOADS loads
+MEASURE_LOADS = 3  # per machine and model shape: each kernel's best time over these loads decides, then it is kept
 MEASURE_BYTES = 64 << 20  # of the model's fp32 weights timed for it: more than the per-core caches hold
 
 
@@ -190,9 +193,10 @@ def available_kernels(quantize: str) -> list[str]:
 def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> str:
     """The kernel pack_for_inference uses for an option on this CPU; LmforgeError when none can run here.
 
-    With a model and several runnable kernels, the fastest for its layers on this machine: measured
-    once per machine and layer shapes (`measure_kernels`, under MEASURE_SECONDS) and cached by
-    lmforge.machine; log (default stderr) gets one line when it measures. Without, the first runnable one.
+    With a model and several runnable kernels, the fastest for its layers on this machine: each kernel's
+    best time over the first MEASURE_LOADS loads per machine and layer shapes (`measure_kernels`, under
+    MEASURE_SECONDS each), cached by lmforge.machine; log (default stderr) gets one line when it measures.
+    Without a model, the first runnable one.
     """
     if quantize not in KERNELS:
         raise LmforgeError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE)})")
@@ -205,14 +209,36 @@ def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> st
     from .. import machine
 
     shapes = "+".join(dict.fromkeys(f"{lin.out_features}x{lin.in_features}" for lin in layers))
-    key = f"decode_kernel/{quantize}/{'/'.join(usable)}/{shapes}"
-    found = machine.measure_once(
-        {key: lambda: min((t, k) for k, t in measure_kernels(usable, layers).items())[1]},
-        f"timing {', '.join(usable)} for --quantize {quantize} on this CPU (once per machine and model shape, "
-        f"under {MEASURE_SECONDS:g} s)",
-        log,
+    key = f"decode_kernel_seconds/{quantize}/{shapes}"
+    kept = machine.read(key)
+    if not _complete(kept, usable):
+        (log or machine._stderr)(
+            f"timing {', '.join(usable)} for --quantize {quantize} on this CPU (on the first {MEASURE_LOADS} loads "
+            f"per machine and model shape, under {MEASURE_SECONDS:g} s)"
+        )
+        fresh = measure_kernels(usable, layers)
+        kept = machine.update(key, lambda old: _merge_times(old, fresh))
+    times = kept["seconds"]
+    return min(usable, key=lambda k: times.get(k, float("inf")))
+
+
+def _complete(kept, kernels: list[str]) -> bool:
+    """Whether a cached timing entry has every kernel and MEASURE_LOADS loads behind it."""
+    return (
+        isinstance(kept, dict)
+        and kept.get("loads", 0) >= MEASURE_LOADS
+        and isinstance(kept.get("seconds"), dict)
+        and all(k in kept["seconds"] for k in kernels)
     )
-    return found[key] if found[key] in usable else usable[0]
+
+
+def _merge_times(old, fresh: dict) -> dict:
+    """{"seconds": {kernel: best time}, "loads": n}: old's bests (if any) merged with a fresh measurement."""
+    old = old if isinstance(old, dict) and isinstance(old.get("seconds"), dict) else {"seconds": {}, "loads": 0}
+    seconds = dict(old["seconds"])
+    for k, t in fresh.items():
+        seconds[k] = min(t, seconds.get(k, float("inf")))
+    return {"seconds": seconds, "loads": int(old.get("loads", 0)) + 1}
 
 
 def _sample_layers(model: nn.Module, big_only: bool) -> list[nn.Linear]:
