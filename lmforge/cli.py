@@ -78,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run directory (default runs/PRESET, or the next free runs/PRESET-N)")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
+    tr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print parameters, per-rank memory, tokens per step and checkpoint sizes; build, read, write nothing",
+    )
+    tr.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: size the run for N processes without launching them (default: torchrun's, or 1)",
+    )
 
     ft = sub.add_parser(
         "finetune",
@@ -361,9 +372,22 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
 
 
 _OWN_OPTIONS = {
-    "train": ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo"),
+    "train": (
+        "--config",
+        "--preset",
+        "--out",
+        "--resume",
+        "--stop-after-steps",
+        "--task",
+        "--demo",
+        "--dry-run",
+        "--world-size",
+    ),
     "finetune": ("--data", "--demo", "--chat-template", "--chat-token", "--config", "--out", "--stop-after-steps"),
 }
+
+
+_FLAGS = ("--dry-run",)  # own options without a value
 
 
 def _split_args(parser, argv):
@@ -377,7 +401,7 @@ def _split_args(parser, argv):
         a = argv[i]
         name = a.split("=", 1)[0]
         if name in _OWN_OPTIONS[argv[0]]:
-            take = 1 if "=" in a else 2
+            take = 1 if "=" in a or name in _FLAGS else 2
             own += argv[i : i + take]
             i += take
         elif a.startswith("--"):
@@ -474,12 +498,20 @@ def _train(args, extra):
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
     overrides = C.parse_overrides(extra, family, cli_options=_OWN_OPTIONS["train"])
+    if args.world_size is not None and not args.dry_run:
+        raise LmforgeError("--world-size goes with --dry-run (to launch N processes: torchrun --nproc_per_node N)")
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
                 "--resume continues a run as it was configured; "
                 "it takes no data, task, demo, preset, config or overrides"
             )
+        if args.dry_run:
+            from .runs import load_config
+            from .train.sizing import dry_run
+
+            dry_run(load_config(args.resume), world_size=args.world_size, resume=Path(args.resume))
+            return 0
         from .train.loop import train  # torch: only once the arguments are known to be usable
 
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
@@ -503,6 +535,11 @@ def _train(args, extra):
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
     cfg.validate()  # sizes no machine can hold end here, before torch is even imported
+    if args.dry_run:
+        from .train.sizing import dry_run
+
+        dry_run(cfg, data=data, world_size=args.world_size)
+        return 0
     run_name = Path(args.config).stem if args.config else name  # runs/small-llama for --config small-llama.toml
     out = Path(args.out) if args.out else _free_run_dir(Path("runs") / run_name)
     from .train.loop import train  # torch: only once the arguments are known to be usable

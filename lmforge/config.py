@@ -297,6 +297,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = at each evaluation
     keep_checkpoints: int = 3  # most recent checkpoints kept (plus the best by validation loss)
+    async_checkpoint: bool = False  # FSDP: write sharded checkpoints in the background while training goes on
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
