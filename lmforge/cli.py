@@ -15,6 +15,11 @@ from .errors import LmforgeError
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 GGUF_DTYPES = ("f32", "f16", "q8_0")  # lmforge.interop.gguf.DTYPES
+DATA_HELP = (
+    "file, directory or glob of text ('stdlib' = the Python standard library), or a Hugging Face dataset: "
+    "hf:NAME[:CONFIG][:SPLIT] (streamed from the Hub) or hf:FOLDER[:SPLIT] (written by save_to_disk)"
+)
+TEXT_FIELD_HELP = "the .jsonl field, .parquet column or dataset column holding the text (default: text)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     toksub = tok.add_subparsers(dest="tok_verb", metavar="ACTION")
     tt = toksub.add_parser("train", help="learn BPE merges from text")
-    tt.add_argument("data", help="file, directory or glob of text ('stdlib' = the Python standard library)")
+    tt.add_argument("data", help=DATA_HELP)
+    tt.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--special", action="append", default=[], help="extra special token (repeatable)")
     tt.add_argument(
@@ -35,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", default="tokenizer.json")
 
     pr = sub.add_parser("prepare", help="tokenise text into train/val shards")
-    pr.add_argument("data", help="file, directory or glob of text ('stdlib' = the Python standard library)")
+    pr.add_argument("data", help=DATA_HELP)
+    pr.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     pr.add_argument("--tokenizer", required=True, help="tokenizer.json")
     pr.add_argument("--out", required=True, help="output directory for the shards")
     pr.add_argument("--val-fraction", type=float, default=0.01)
@@ -54,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "data",
         nargs="?",
-        help="text (file, directory, glob) or a directory of prepared shards; default: the Python standard library. "
+        help="text (file, directory, glob, hf:DATASET; column: --text-field) or a directory of prepared shards; "
+        "default: the Python standard library. "
         'With --task seq2seq: a .jsonl ({"source": ..., "target": ...} per line) or .tsv file of pairs',
     )
     tr.add_argument(
@@ -192,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
         "(seq2seq: loss, exact match, BLEU, chrF on pairs)",
     )
     ev.add_argument("run")
-    ev.add_argument("--data", help="text file, directory or glob; seq2seq: a .jsonl or .tsv file of pairs")
+    ev.add_argument("--data", help="text file, directory, glob or hf:DATASET; seq2seq: a .jsonl or .tsv file of pairs")
+    ev.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     ev.add_argument(
         "--tasks", help="lm-evaluation-harness task names, comma-separated (needs lmforge[eval]); results in RUN/eval/"
     )
@@ -447,15 +456,14 @@ def _data_spec(s: str | None):
 
 
 def _tokenizer(args):
-    from .data.corpus import SkipCounter, corpus_documents, discover
+    from .data.corpus import Corpus, SkipCounter
     from .data.tokenizer import Tokenizer, vocab_shortfall
 
     if args.tok_verb != "train":
         raise LmforgeError("usage: lmforge tokenizer train DATA --vocab-size N --out tokenizer.json")
-    spec = _data_spec(args.data)
-    discover(spec)  # fail early on a missing path
+    corpus = Corpus(_data_spec(args.data), args.text_field)  # fails early on a missing path
     skipped = SkipCounter()
-    tok = Tokenizer.train(corpus_documents(spec, skipped), args.vocab_size, args.special, args.split_digits)
+    tok = Tokenizer.train(corpus.texts(skipped), args.vocab_size, args.special, args.split_digits)
     if tok.vocab_size <= 256 + 1 + len(args.special):
         raise LmforgeError(f"no usable text in {args.data}")
     if skipped.files:
@@ -482,6 +490,7 @@ def _prepare(args):
         args.shard_tokens,
         progress=sys.stderr.isatty(),
         allow_special=args.allow_special,
+        text_field=args.text_field,
     )
     with atomic_path(Path(args.out) / "tokenizer.json") as tmp:
         tok.hf.save(str(tmp))
@@ -758,7 +767,7 @@ def _eval(args):
         from .inference.quantize import pack_for_inference
 
         pack_for_inference(model, args.quantize)
-    res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens)
+    res = evaluate_text(model, tok, _data_spec(args.data), max_tokens=args.max_tokens, text_field=args.text_field)
     print(
         f"tokens {res['tokens']:,} | loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} "
         f"| bits/byte {res['bits_per_byte']:.4f} | top-1 {100 * res['acc']:.1f}% | top-5 {100 * res['top5']:.1f}%"

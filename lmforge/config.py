@@ -292,6 +292,7 @@ class TrainConfig:
         4096  # tokenizer size when lmforge trains one for the run (the model vocabulary follows it)
     )
     split_digits: bool = False  # when lmforge trains the tokenizer: every digit a token of its own
+    text_field: str = "text"  # the .jsonl field, .parquet column or Hugging Face dataset column holding the text
     val_fraction: float = 0.01
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -308,6 +309,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     parallel: str = "ddp"  # ddp | fsdp, used under torchrun with more than one process
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    wandb: str | None = None  # a Weights & Biases project to log to as well (needs the wandb package)
     # chat fine-tuning (lmforge finetune)
     train_on: str = "assistant"  # assistant: loss on the assistant's replies only | all: on every token
     pack: bool = True  # several conversations per row (attention and positions reset at each); False: one, padded
@@ -349,6 +351,8 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         need(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         need(self.train_on in ("assistant", "all"), f"unknown train_on {self.train_on!r} (assistant, all)")
+        need(bool(self.text_field), "text_field must not be empty")
+        need(self.wandb is None or bool(self.wandb.strip()), "wandb must name a project")
 
 
 @dataclass

@@ -39,6 +39,7 @@ DATA_INFO = "data.json"  # where a run's training data is (the shards, or a pair
 CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 EVAL_DIR = "eval"
+WANDB_RUN = "wandb.json"  # the Weights & Biases run id (--wandb), so that --resume continues the same W&B run
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:

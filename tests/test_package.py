@@ -120,6 +120,14 @@ def test_import_lmforge_does_not_import_torch():
     assert version == __import__("lmforge").__version__
 
 
+def test_optional_dependencies_load_only_when_used():
+    """datasets (hf: DATA) and wandb (--wandb) are optional extras: no module imports them at import time."""
+    modules = ["lmforge", "lmforge.cli", "lmforge.data.corpus", "lmforge.data.prepare", "lmforge.train.loop"]
+    code = f"import importlib, sys\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+    code += "print('datasets' in sys.modules, 'wandb' in sys.modules)"
+    assert _run(code).split() == ["False", "False"]
+
+
 @pytest.mark.parametrize("argv", [[], ["--help"], ["train", "--help"], ["eval", "--help"], ["serve", "--help"]])
 def test_cli_help_does_not_import_torch(argv):
     code = (

@@ -1,6 +1,7 @@
 """Where text comes from and how it becomes tokens.
 
-corpus.py     find and read documents: files, directories, globs, JSONL, Parquet, the default corpus
+corpus.py     DATA -> documents (`Corpus`): files, directories, globs, JSONL, Parquet, the default corpus, hf: datasets
+hf_dataset.py Hugging Face datasets: save_to_disk folders, Hub streams (retried after network errors)
 tokenizer.py  byte-level BPE (Hugging Face `tokenizers`), streaming decode that never splits a character
 shards.py     the llm.c shard format and `TokenData`, the random-window batch loader
 prepare.py    corpus -> tokenizer + train/val shards (`prepare`, and `ensure_data` with its cache)

@@ -1,5 +1,13 @@
-"""Where text comes from: corpus discovery (file, directory, glob, the default standard-library corpus)
-and reading documents from text, JSONL and Parquet files, streaming large files with bounded memory."""
+"""Where text comes from: DATA as the user writes it, turned into documents, streaming with bounded memory.
+
+    Corpus          the one entry point: a file, a directory (recursive), a glob, the default standard-library
+                    corpus, or a Hugging Face dataset (`hf:...`, read by hf_dataset.py); its documents, a size
+                    estimate for progress, and a fingerprint for cache keys
+    discover        the files a path names
+    read_documents  texts from text, JSONL (a field) and Parquet (a column) files; huge text files in pieces
+
+`text_field` (`--text-field`, default `text`) names the JSONL field, Parquet column or dataset column to read.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LmforgeError
+from . import hf_dataset
 
 TEXT_SUFFIXES = {
     ".txt",
@@ -154,14 +163,70 @@ class SkipCounter:
     files: int = 0
 
 
-def _documents(files: list[Path], skipped: SkipCounter, include_pydoc_topics: bool) -> Iterator[Iterable[str]]:
+DEFAULT_TEXT_FIELD = "text"
+
+
+class Corpus:
+    """DATA as given (a path, a glob, None / 'stdlib' for the default corpus, or `hf:...`), resolved once.
+
+    Raises LmforgeError when the path names nothing (or, for a dataset folder, when it is not one, or lacks the
+    text field); a Hub dataset is only opened when its documents are read."""
+
+    def __init__(self, spec, text_field: str = DEFAULT_TEXT_FIELD):
+        self.spec, self.text_field = spec, text_field
+        self.is_default = spec is None or str(spec) == DEFAULT_CORPUS
+        self.hf = hf_dataset.HFSource(spec, text_field) if hf_dataset.is_hf_spec(spec) else None
+        self.files = [] if self.hf is not None else discover(spec)
+        if self.hf is not None and self.hf.spec.local:
+            self.hf.size_bytes()  # opens the folder: a wrong folder, split or column fails here
+
+    @property
+    def name(self) -> str:
+        return "the Python standard library" if self.is_default else str(self.spec)
+
+    def describe(self) -> str:
+        """'12 files', 'a Hugging Face dataset folder', 'a Hugging Face dataset streamed from the Hub'."""
+        if self.hf is None:
+            return f"{len(self.files)} files"
+        return "a Hugging Face dataset " + ("folder" if self.hf.spec.local else "streamed from the Hub")
+
+    def size_bytes(self) -> int | None:
+        """About how many bytes the corpus holds (files: their sizes), or None when unknown (a Hub stream)."""
+        if self.hf is not None:
+            return self.hf.size_bytes()
+        return sum(f.stat().st_size for f in self.files)
+
+    def key(self) -> str:
+        """A fingerprint of what would be read: for files their paths, sizes and mtimes; for a dataset what
+        `HFSource.identity` says; the text field whenever it is not the default."""
+        key = self.hf.identity() if self.hf is not None else corpus_key(self.spec, self.files)
+        if self.hf is None and self.text_field != DEFAULT_TEXT_FIELD:  # only then: file corpora keep their keys
+            key = hashlib.sha256(f"{key}\0{self.text_field}".encode()).hexdigest()[:16]
+        return key
+
+    def documents(self, skipped: SkipCounter | None = None) -> Iterator[Iterable[str]]:
+        """Each document as an iterable of text pieces (one piece, or a stream of them for a huge file)."""
+        skipped = skipped if skipped is not None else SkipCounter()
+        if self.hf is not None:
+            return ([t] for t in self.hf.texts())
+        return _documents(self.files, skipped, self.is_default, self.text_field)
+
+    def texts(self, skipped: SkipCounter | None = None) -> Iterator[str]:
+        """The texts of every document (a huge file's as several consecutive texts)."""
+        for doc in self.documents(skipped):
+            yield from doc
+
+
+def _documents(
+    files: list[Path], skipped: SkipCounter, include_pydoc_topics: bool, text_field: str = DEFAULT_TEXT_FIELD
+) -> Iterator[Iterable[str]]:
     """Yield each document as an iterable of text pieces (one piece, or a stream of them for a huge file)."""
     for f in files:
         suffix = f.suffix.lower()
         if suffix == ".jsonl":
-            yield from ([t] for t in _read_jsonl(f, skipped))
+            yield from ([t] for t in _read_jsonl(f, skipped, text_field))
         elif suffix == ".parquet":
-            yield from ([t] for t in _read_parquet(f))
+            yield from ([t] for t in _read_parquet(f, text_field))
         else:
             try:
                 size = f.stat().st_size
@@ -232,14 +297,17 @@ def _stream_text_file(path: Path) -> Iterator[str]:
 
 
 def read_documents(
-    files: list[Path], skipped: SkipCounter | None = None, include_pydoc_topics: bool = False
+    files: list[Path],
+    skipped: SkipCounter | None = None,
+    include_pydoc_topics: bool = False,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> Iterator[str]:
     """Yield texts from files, streaming; binary / non-UTF-8 files are counted in `skipped`.
 
     A file too large to hold in memory comes out as several consecutive texts.
     """
     skipped = skipped if skipped is not None else SkipCounter()
-    for doc in _documents(files, skipped, include_pydoc_topics):
+    for doc in _documents(files, skipped, include_pydoc_topics, text_field):
         yield from doc
 
 
@@ -252,8 +320,10 @@ def _pydoc_topics() -> Iterator[str]:
         yield topics[key]
 
 
-def _read_jsonl(path: Path, skipped: SkipCounter) -> Iterator[str]:
-    bad = 0
+def _read_jsonl(path: Path, skipped: SkipCounter, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """The text_field of each line's object; lines without it are skipped, but a file where no object has it is an
+    error naming the fields the first object has (a wrong --text-field). Lines that are not JSON: one warning."""
+    bad, found, first_keys = 0, False, None
     try:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
@@ -265,16 +335,25 @@ def _read_jsonl(path: Path, skipped: SkipCounter) -> Iterator[str]:
                 except json.JSONDecodeError:
                     bad += 1
                     continue
-                text = obj.get("text") if isinstance(obj, dict) else None
+                if not isinstance(obj, dict):
+                    continue
+                first_keys = list(obj) if first_keys is None else first_keys
+                found = found or text_field in obj
+                text = obj.get(text_field)
                 if isinstance(text, str) and text:
                     yield text
     except UnicodeDecodeError:
         skipped.files += 1
+    if first_keys is not None and not found:
+        raise LmforgeError(
+            f"{path}: no line has a {text_field!r} field (fields: {', '.join(first_keys)}); "
+            "choose one with --text-field"
+        )
     if bad:
         print(f"warning: {path}: skipped {bad} line(s) that are not JSON", file=sys.stderr)
 
 
-def _read_parquet(path: Path) -> Iterator[str]:
+def _read_parquet(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -283,23 +362,26 @@ def _read_parquet(path: Path) -> Iterator[str]:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise LmforgeError(f"cannot read parquet file {path}: {e}") from None
-    if "text" not in pf.schema_arrow.names:
-        raise LmforgeError(f"parquet file {path} has no 'text' column")
+    if text_field not in pf.schema_arrow.names:
+        raise LmforgeError(
+            f"parquet file {path} has no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)}); "
+            "choose one with --text-field"
+        )
     for i in range(pf.num_row_groups):
-        for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
+        for text in pf.read_row_group(i, columns=[text_field]).column(text_field).to_pylist():
             if isinstance(text, str) and text:
                 yield text
 
 
-def corpus_documents(spec, skipped: SkipCounter | None = None) -> Iterator[str]:
-    files = discover(spec)
-    return read_documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS)
+def corpus_documents(spec, skipped: SkipCounter | None = None, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """The texts of DATA (see `Corpus`)."""
+    return Corpus(spec, text_field).texts(skipped)
 
 
-def text_sample(spec, max_chars: int) -> Iterator[str]:
-    """Documents from a corpus up to about max_chars characters in total (for tokenizer training)."""
+def text_sample(corpus: Corpus, max_chars: int) -> Iterator[str]:
+    """Texts from a corpus up to about max_chars characters in total (for tokenizer training)."""
     seen = 0
-    for doc in corpus_documents(spec):
+    for doc in corpus.texts():
         yield doc
         seen += len(doc)
         if seen >= max_chars:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import LmforgeError
 from ..io import write_json_atomic
-from .corpus import DEFAULT_CORPUS, SkipCounter, _documents, corpus_key, discover, text_sample
+from .corpus import DEFAULT_TEXT_FIELD, Corpus, SkipCounter, text_sample
 from .shards import ShardWriter, shard_paths
 from .tokenizer import Tokenizer, vocab_shortfall
 
@@ -34,6 +34,9 @@ def _chunks(doc: str, chunk_chars: int) -> list[str]:
     return out
 
 
+MAX_PIECE_CHARS = 1 << 20  # the longest piece of text tokenised at once
+
+
 @dataclass
 class PrepareStats:
     train_tokens: int = 0
@@ -52,21 +55,25 @@ def prepare(
     batch_chars: int = 4_000_000,
     progress: bool = True,
     allow_special: bool = False,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> PrepareStats:
-    """Tokenise a corpus into train/val shards under out_dir, streaming with bounded memory.
+    """Tokenise a corpus (DATA, or a `corpus.Corpus`) into train/val shards under out_dir, streaming with bounded
+    memory.
 
     Text is cut into pieces (whole small documents; long ones split at line breaks); every
     `round(1/val_fraction)`-th piece goes to validation, so the split is deterministic and
     even a single-file corpus gets a validation set. Pieces are tokenised in parallel batches of about
     `batch_chars` characters. Documents are separated by one end-of-text id, which we add; text in them that
     looks like a special token ("<|endoftext|>") is encoded as ordinary text unless allow_special.
+    The piece size follows the corpus size (about 8 validation pieces at least; at most 1 MiB of text, also when
+    the size is not known, as for a dataset streamed from the Hub).
     Raises LmforgeError when the corpus holds no usable text.
     """
     out_dir = Path(out_dir)
-    files = discover(spec)
-    total_bytes = sum(f.stat().st_size for f in files)
+    corpus = spec if isinstance(spec, Corpus) else Corpus(spec, text_field)
+    total_bytes = corpus.size_bytes()
     every = max(2, round(1 / val_fraction))
-    chunk_chars = int(min(1 << 20, max(512, total_bytes / every / 8)))
+    chunk_chars = int(min(MAX_PIECE_CHARS, max(512, (total_bytes if total_bytes is not None else 1 << 62) / every / 8)))
     skipped = SkipCounter()
     stats = PrepareStats()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +81,7 @@ def prepare(
         old.unlink()
     writers = _SplitWriters(out_dir, tokenizer.vocab_size, shard_tokens)
     bar = _progress_bar(total_bytes, progress)
-    documents = _documents(files, skipped, include_pydoc_topics=spec is None or str(spec) == DEFAULT_CORPUS)
+    documents = corpus.documents(skipped)
     try:
         for batch in _batches(_pieces(documents, chunk_chars, every, stats), batch_chars):
             texts, continued = [text for _, text, _, _ in batch], [not starts for _, _, starts, _ in batch]
@@ -86,7 +93,7 @@ def prepare(
                 stats.val_tokens += len(ids) if split == "val" else 0
             bar(sum(len(text) for text in texts))
         if stats.documents == 0:
-            raise LmforgeError(f"no usable text in {spec if spec is not None else 'the default corpus'}")
+            raise LmforgeError(f"no usable text in {corpus.name}")
         writers.close()
     except BaseException:
         writers.abort()
@@ -168,8 +175,10 @@ class _SplitWriters:
                 w.abort()
 
 
-def _progress_bar(total: int, enabled: bool):
-    """A tiny adapter over rich's progress bar: call with a byte count to advance, None to finish."""
+def _progress_bar(total: int | None, enabled: bool):
+    """A tiny adapter over rich's progress bar: call with a byte count to advance, None to finish.
+
+    total None (a streamed dataset of unknown size): the bar shows what was done and the speed, no ETA."""
     if not enabled:
         return lambda n: None
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -197,16 +206,17 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
 
     DATA may be a directory of prepared shards (with its tokenizer.json), or raw text
     (file, directory, glob, or None for the default corpus): then a tokenizer is trained and
-    shards prepared under cache_root/<fingerprint>/, reused while the inputs are unchanged.
+    shards prepared under cache_root/<fingerprint>/, reused while the inputs are unchanged. The fingerprint holds
+    the corpus's (`Corpus.key`: its files, or the dataset and its text field) and the tokenizer settings.
     """
     if spec is not None and Path(str(spec)).is_dir() and shard_paths(spec, "train"):
         tok_path = Path(spec) / TOKENIZER
         if not tok_path.is_file():
             raise LmforgeError(f"{spec} has shards but no {TOKENIZER} next to them")
         return Path(spec), Tokenizer.from_file(tok_path)
-    files = discover(spec)
+    corpus = Corpus(spec, train_cfg.text_field)
     # version 2: special-token text in documents is encoded as text (version 1 turned it into control tokens)
-    key_parts = [corpus_key(spec, files), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 2]
+    key_parts = [corpus.key(), train_cfg.tokenizer_vocab_size, train_cfg.val_fraction, 2]
     if train_cfg.split_digits:  # only then, so that data prepared before the option existed keeps its key
         key_parts.append("split_digits")
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
@@ -218,20 +228,19 @@ def ensure_data(spec, train_cfg, cache_root: Path, log=print) -> tuple[Path, Tok
         if note := vocab_shortfall(tok, train_cfg.tokenizer_vocab_size):
             log(f"warning: {note}")
         return cache, tok
-    name = "the Python standard library" if spec is None else str(spec)
-    log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {name} ({len(files)} files)")
+    log(f"data: training a {train_cfg.tokenizer_vocab_size}-token BPE tokenizer on {corpus.name} ({corpus.describe()})")
     t0 = time.time()
     tok = Tokenizer.train(
-        text_sample(spec, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size, split_digits=train_cfg.split_digits
+        text_sample(corpus, TOKENIZER_SAMPLE_CHARS), train_cfg.tokenizer_vocab_size, split_digits=train_cfg.split_digits
     )
     if tok.vocab_size <= 257:
-        raise LmforgeError(f"no usable text in {name}")
+        raise LmforgeError(f"no usable text in {corpus.name}")
     cache.mkdir(parents=True, exist_ok=True)
     tok.save(cache / TOKENIZER)
     log(f"data: tokenizer ready ({tok.vocab_size} tokens, {time.time() - t0:.1f}s); writing shards")
     if note := vocab_shortfall(tok, train_cfg.tokenizer_vocab_size):
         log(f"warning: {note}")
-    stats = prepare(spec, tok, cache, val_fraction=train_cfg.val_fraction, progress=sys.stderr.isatty())
+    stats = prepare(corpus, tok, cache, val_fraction=train_cfg.val_fraction, progress=sys.stderr.isatty())
     write_json_atomic(
         done,
         {

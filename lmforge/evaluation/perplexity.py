@@ -151,15 +151,17 @@ def evaluate(
 
 
 @torch.no_grad()
-def evaluate_text(model, tokenizer, spec, max_tokens: int = 1_000_000, batch_size: int = 8) -> dict:
+def evaluate_text(
+    model, tokenizer, spec, max_tokens: int = 1_000_000, batch_size: int = 8, text_field: str = "text"
+) -> dict:
     """Score the documents of `spec` in consecutive windows of the model's context (each window predicts its tokens).
 
     Returns {tokens (predicted), loss (nats per token), perplexity, bits_per_byte (over the bytes the predicted
     tokens stand for: every byte of the text but the first token's), acc, top5 (next-token top-1 / top-5
     accuracy, fractions)}; raises LmforgeError when the text has fewer than 2 tokens. Each document is encoded on
-    its own, then `eos`."""
+    its own, then `eos`. `spec` is DATA as `corpus.Corpus` takes it; text_field the column to read."""
     ids: list[int] = []
-    for doc in corpus.corpus_documents(spec):
+    for doc in corpus.corpus_documents(spec, text_field=text_field):
         doc_ids = tokenizer.encode(doc) + [tokenizer.eos_id]
         ids.extend(doc_ids)
         if len(ids) > max_tokens:

@@ -48,6 +48,7 @@ from .state import (
     StopFlag,
     fmt_time,
     global_rng_state,
+    require_wandb,
     set_global_rng_state,
     truncate_metrics,
 )
@@ -165,6 +166,8 @@ def _check_new_run(cfg: Config, run_dir: Path) -> Config:
 def _check_budget(tc) -> None:
     if tc.max_steps is None and tc.max_tokens is None and tc.max_time is None:
         raise LmforgeError("no training budget: set --max-steps, --max-tokens or --max-time")
+    if tc.wandb:  # every rank, before any work: a missing package is one line, not a hang of the others
+        require_wandb()
 
 
 # --- start ----------------------------------------------------------------------------------------
@@ -360,7 +363,9 @@ class Reporter:
 
     def __init__(self, run_dir: Path, task: Task, setup: Setup, state: RunState, tc, log):
         self.tc, self.log, self.parallel = tc, log, setup.parallel
-        self.metrics = MetricsWriter(run_dir, setup.parallel.is_main, tc.tensorboard, log)
+        self.metrics = MetricsWriter(run_dir, setup.parallel.is_main, tc.tensorboard, log, tc.wandb)
+        if error := broadcast_object(self.metrics.error, setup.parallel.info):  # all ranks stop, not just rank 0
+            raise LmforgeError(error)
         self.flops_per_token = task.flops_per_token()
         # MFU denominator: never below what the run reaches
         self.peak = PeakFlops(setup.device, setup.precision, log) if self.flops_per_token else None

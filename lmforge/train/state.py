@@ -3,7 +3,7 @@
     RunState        step, tokens, training time, best validation loss, the data sampler's RNG; the budget
                     (progress towards max_steps / max_tokens / max_time) and the clock are kept here only
     global_rng_state / set_global_rng_state    torch's own RNGs (dropout), saved beside the run state
-    MetricsWriter   metrics.jsonl (and TensorBoard), written by rank 0; truncate_metrics for resumes
+    MetricsWriter   metrics.jsonl (and TensorBoard, Weights & Biases), written by rank 0; truncate_metrics for resumes
     StopFlag        SIGINT / SIGTERM ask the loop to stop after the current step (and save)
 
 The checkpoint's trainer_state.pt holds `RunState.to_dict()` plus the optimizer, scaler and global RNG states;
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_text_atomic
-from ..runs import METRICS
+from ..errors import LmforgeError
+from ..io import write_json_atomic, write_text_atomic
+from ..runs import CONFIG, METRICS, WANDB_RUN
 
 
 @dataclass
@@ -128,12 +129,21 @@ class StopFlag:
 
 
 class MetricsWriter:
-    """metrics.jsonl always; TensorBoard too when asked for and installed. Only rank 0 writes."""
+    """metrics.jsonl always; TensorBoard too when asked for and installed; Weights & Biases when given a project.
+    Only rank 0 writes.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, log):
+    Every record goes to each sink: the whole record to metrics.jsonl; its numbers to TensorBoard (against
+    `step`) and W&B (with `step` as a metric of its own, so a resumed run may log a step again). A W&B run that
+    cannot start leaves `self.error` (one line) for the caller to raise on every rank."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, log, wandb_project: str | None = None):
         self.path = run_dir / METRICS
         self.enabled = enabled
         self.tb = None
+        self.wandb = None
+        self.error: str | None = None
+        if enabled and wandb_project:
+            self.wandb, self.error = _start_wandb(run_dir, wandb_project)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -154,10 +164,73 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(_numbers(record))
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def require_wandb() -> None:
+    """LmforgeError (one line) unless the wandb package can be imported; checked before a run starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise LmforgeError("--wandb needs the wandb package: pip install 'lmforge[wandb]' (or pip install wandb)")
+
+
+def _start_wandb(run_dir: Path, project: str):
+    """(a started wandb run, None) or (None, the reason in one line).
+
+    The run is named after the run directory and carries its config.json; its id is kept in RUN/wandb.json so
+    that `--resume` continues the same W&B run. Files go to $WANDB_DIR when set, else beside metrics.jsonl
+    (RUN/wandb/). `WANDB_MODE=offline` works as W&B documents (sync later with `wandb sync`)."""
+    import os
+
+    require_wandb()
+    import wandb
+
+    id_file = run_dir / WANDB_RUN
+    try:
+        saved = json.loads(id_file.read_text(encoding="utf-8")) if id_file.is_file() else {}
+    except ValueError:
+        saved = {}
+    run_id = saved.get("id") if saved.get("project") == project else None
+    try:
+        config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    try:
+        run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+            config=config,
+        )
+        run.define_metric("*", step_metric="step")
+    except Exception as e:  # not logged in, no network in online mode, a bad project name, ...
+        lines = str(e).strip().splitlines()
+        return None, f"Weights & Biases could not start ({type(e).__name__}: {lines[0] if lines else ''})"
+    if run.id != run_id:
+        write_json_atomic(id_file, {"project": project, "id": run.id})
+    return run, None
+
+
+def _numbers(record: dict, prefix: str = "") -> dict:
+    """The int/float values of a metrics record, nested dicts flattened as 'outer/inner'."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[prefix + k] = v
+    return out
 
 
 def truncate_metrics(path: Path, step: int) -> None:
