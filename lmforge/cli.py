@@ -871,7 +871,10 @@ def _eval_chat_demo(args, model, tok):
         raise LmforgeError("eval takes --data or --demo, not both")
     template = load_chat_template(args.run)
     if template is None:
-        raise LmforgeError(f"{args.run} has no chat template: --demo scores chat runs (lmforge finetune ... --demo)")
+        raise LmforgeError(
+            f"{args.run} is a language model without a chat template: --demo is for seq2seq runs and chat runs "
+            "(lmforge finetune)"
+        )
     res = evaluate_chats(model, tok, template, chat_demo(args.demo, "test"))
     print(
         f"held-out conversations {res['conversations']:,} | replies exactly right {100 * res['exact']:.1f}% (greedy) "
