@@ -290,7 +290,7 @@ def test_cli_bad_inputs(tmp_path, capsys, tiny_run, learned_run):
         (["eval", s2s_run, "--data", malformed], "bad.jsonl:2: not valid JSON"),
         (["eval", s2s_run], "needs --data PAIRS"),
         (["eval", s2s_run, "--demo", "nope"], "unknown demo"),
-        (["eval", tiny_run, "--demo", "dates"], "has no chat template: --demo scores chat runs"),
+        (["eval", tiny_run, "--demo", "dates"], "--demo is for seq2seq runs"),
     ]
     for argv, expected in cases:
         code, out, err = run_cli(capsys, *argv)
