@@ -388,7 +388,7 @@ def format_sizing(s: Sizing) -> list[str]:
     shard = f", 1/{e.world} shard" if s.parallel == "fsdp" else ""
     opt = "exp_avg + exp_avg_sq" if s.optimizer == "adamw" else "momentum (hidden matrices), AdamW's two (the rest)"
     lines = [
-        "dry run: nothing is built, read or written",
+        "dry run: the model on the meta device, no data read, no run directory written",
         f"model       {s.params:,} parameters, {s.active_params:,} active per token; {s.model_line}",
         f"processes   {procs}",
         f"device      {s.device}, {s.precision}" + (" autocast (fp32 master weights)" if half else ""),
