@@ -86,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run directory (default runs/PRESET, or the next free runs/PRESET-N)")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     tr.add_argument("--stop-after-steps", type=int, metavar="N", help="stop at step N as if interrupted (resume later)")
+    tr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print parameters, per-rank memory, tokens per step and checkpoint sizes; build, read, write nothing",
+    )
+    tr.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: size the run for N processes without launching them (default: torchrun's, or 1)",
+    )
 
     ft = sub.add_parser(
         "finetune",
@@ -100,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--demo", metavar="NAME", help="a built-in generated chat task instead of --data: colors, skills")
     ft.add_argument(
         "--chat-template", metavar="FILE", help="Jinja chat template (default: the run's own, or lmforge's)"
+    )
+    ft.add_argument(
+        "--chat-token",
+        action="append",
+        metavar="TEXT",
+        help="with --chat-template: a marker of the template to make a special token (repeatable; default: the "
+        "<|name|>, <name>, [NAME]-shaped text it writes around the messages)",
     )
     ft.add_argument("--config", help="TOML (or JSON) file with a [train] table")
     ft.add_argument("--out", help="the new run directory (default RUN-chat, or the next free RUN-chat-N)")
@@ -191,7 +209,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt")
     ev.add_argument("--include-path", default=None, help="--tasks: a folder of your own task YAML files")
     ev.add_argument("--batch-size", type=int, default=16, help="--tasks: sequences scored together")
-    ev.add_argument("--demo", metavar="NAME", help="seq2seq: the held-out test split of a built-in demo task")
+    ev.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="--tasks: prompts as conversations in the run's chat template (few-shot examples as earlier turns)",
+    )
+    ev.add_argument(
+        "--fewshot-as-multiturn",
+        choices=("true", "false"),
+        default=None,
+        help="--tasks with --apply-chat-template: few-shot examples as earlier turns (default true) or one message",
+    )
+    ev.add_argument("--system-instruction", default=None, help="--tasks: a system message opening every prompt")
+    ev.add_argument(
+        "--demo",
+        metavar="NAME",
+        help="the held-out test split of a built-in demo task (seq2seq runs; chat runs: colors, skills)",
+    )
     ev.add_argument("--beam-size", type=int, default=4, help="seq2seq: beam search width (1 = greedy)")
     ev.add_argument("--length-penalty", type=float, default=1.0)
     ev.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate on at most this many tokens")
@@ -347,9 +381,22 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
 
 
 _OWN_OPTIONS = {
-    "train": ("--config", "--preset", "--out", "--resume", "--stop-after-steps", "--task", "--demo"),
-    "finetune": ("--data", "--demo", "--chat-template", "--config", "--out", "--stop-after-steps"),
+    "train": (
+        "--config",
+        "--preset",
+        "--out",
+        "--resume",
+        "--stop-after-steps",
+        "--task",
+        "--demo",
+        "--dry-run",
+        "--world-size",
+    ),
+    "finetune": ("--data", "--demo", "--chat-template", "--chat-token", "--config", "--out", "--stop-after-steps"),
 }
+
+
+_FLAGS = ("--dry-run",)  # own options without a value
 
 
 def _split_args(parser, argv):
@@ -363,7 +410,7 @@ def _split_args(parser, argv):
         a = argv[i]
         name = a.split("=", 1)[0]
         if name in _OWN_OPTIONS[argv[0]]:
-            take = 1 if "=" in a else 2
+            take = 1 if "=" in a or name in _FLAGS else 2
             own += argv[i : i + take]
             i += take
         elif a.startswith("--"):
@@ -460,12 +507,20 @@ def _train(args, extra):
         raise LmforgeError("--demo is a seq2seq task: use it with --task seq2seq (or alone)")
     family = "seq2seq" if args.task == "seq2seq" or args.demo else "decoder"
     overrides = C.parse_overrides(extra, family, cli_options=_OWN_OPTIONS["train"])
+    if args.world_size is not None and not args.dry_run:
+        raise LmforgeError("--world-size goes with --dry-run (to launch N processes: torchrun --nproc_per_node N)")
     if args.resume:
         if args.data or args.demo or args.task or args.config or args.preset or overrides:
             raise LmforgeError(
                 "--resume continues a run as it was configured; "
                 "it takes no data, task, demo, preset, config or overrides"
             )
+        if args.dry_run:
+            from .runs import load_config
+            from .train.sizing import dry_run
+
+            dry_run(load_config(args.resume), world_size=args.world_size, resume=Path(args.resume))
+            return 0
         from .train.loop import train  # torch: only once the arguments are known to be usable
 
         result = train(None, args.resume, resume=True, stop_after_steps=args.stop_after_steps)
@@ -489,6 +544,11 @@ def _train(args, extra):
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
     cfg.validate()  # sizes no machine can hold end here, before torch is even imported
+    if args.dry_run:
+        from .train.sizing import dry_run
+
+        dry_run(cfg, data=data, world_size=args.world_size)
+        return 0
     run_name = Path(args.config).stem if args.config else name  # runs/small-llama for --config small-llama.toml
     out = Path(args.out) if args.out else _free_run_dir(Path("runs") / run_name)
     from .train.loop import train  # torch: only once the arguments are known to be usable
@@ -514,6 +574,10 @@ def _finetune(args, extra):
         cfg = C.merge(cfg, _clear_budget(cfg, budget_given, file_cfg))
     cfg = C.merge(cfg, _clear_budget(cfg, budget_given, overrides))
     template = None
+    if args.chat_token and not args.chat_template:
+        raise LmforgeError("--chat-token names markers of a --chat-template FILE")
+    if args.chat_token and not all(args.chat_token):
+        raise LmforgeError("--chat-token needs the marker's text")
     if args.chat_template:
         try:
             template = Path(args.chat_template).read_text(encoding="utf-8")
@@ -524,7 +588,7 @@ def _finetune(args, extra):
 
     if args.demo:
         chat_demo(args.demo, "val")  # an unknown name fails here, before the model loads
-    source = ChatSource(Path(args.run), Path(args.data) if args.data else None, args.demo, template)
+    source = ChatSource(Path(args.run), Path(args.data) if args.data else None, args.demo, template, args.chat_token)
     out = Path(args.out) if args.out else _free_run_dir(Path(f"{Path(args.run).resolve()}-chat"))
     result = train(cfg, out, data=source, stop_after_steps=args.stop_after_steps)
     return _train_exit(result, args)
@@ -689,12 +753,14 @@ def _eval(args):
         return _eval_tasks(args)
     if args.limit is not None or args.num_fewshot is not None or args.include_path is not None:
         raise LmforgeError("--limit, --num-fewshot and --include-path go with --tasks")
+    if args.apply_chat_template or args.fewshot_as_multiturn or args.system_instruction is not None:
+        raise LmforgeError("--apply-chat-template, --fewshot-as-multiturn and --system-instruction go with --tasks")
 
     model, tok = load(args.run, device=args.device)
     if _is_seq2seq(model):
         return _eval_seq2seq(args, model, tok)
     if args.demo is not None:
-        raise LmforgeError(f"{args.run} is a language model: --demo is for seq2seq runs")
+        return _eval_chat_demo(args, model, tok)
     if args.data is None:
         raise LmforgeError("eval needs --data")
     if args.quantize is not None:
@@ -720,11 +786,22 @@ def _eval_tasks(args):
         raise LmforgeError("--tasks needs at least one task name")
     if args.batch_size < 1 or (args.limit is not None and args.limit <= 0) or (args.num_fewshot or 0) < 0:
         raise LmforgeError("--batch-size and --limit must be positive, --num-fewshot >= 0")
+    if args.fewshot_as_multiturn == "true" and not args.apply_chat_template:
+        raise LmforgeError("--fewshot-as-multiturn true needs --apply-chat-template (turns are chat turns)")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     from .evaluation import harness
 
     results, path = harness.run_tasks(
-        args.run, tasks, limit, args.num_fewshot, args.include_path, args.batch_size, args.device
+        args.run,
+        tasks,
+        limit,
+        args.num_fewshot,
+        args.include_path,
+        args.batch_size,
+        args.device,
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=None if args.fewshot_as_multiturn is None else args.fewshot_as_multiturn == "true",
+        system_instruction=args.system_instruction,
     )
     print(harness.results_table(results))
     print(f"full results: {path}")
@@ -783,6 +860,26 @@ def _convert(args):
     else:
         out = gguf.from_gguf(args.from_gguf, args.out)
         print(f"converted {args.from_gguf} -> lmforge run {out}")
+
+
+def _eval_chat_demo(args, model, tok):
+    from .data.chat import load_chat_template
+    from .data.chat_data import chat_demo
+    from .evaluation.chat import evaluate_chats
+
+    if args.data is not None:
+        raise LmforgeError("eval takes --data or --demo, not both")
+    template = load_chat_template(args.run)
+    if template is None:
+        raise LmforgeError(
+            f"{args.run} is a language model without a chat template: --demo is for seq2seq runs and chat runs "
+            "(lmforge finetune)"
+        )
+    res = evaluate_chats(model, tok, template, chat_demo(args.demo, "test"))
+    print(
+        f"held-out conversations {res['conversations']:,} | replies exactly right {100 * res['exact']:.1f}% (greedy) "
+        f"| always answering {res['commonest']!r}: {100 * res['majority']:.1f}%"
+    )
 
 
 def _eval_seq2seq(args, model, tok):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lmforge.data.chat import ChatTemplateError, encode_chat, load_chat_template, render_chat
+from lmforge.data.chat import ChatTemplateError, encode_chat, load_chat_template, render_chat, template_markers
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LmforgeError
 
@@ -123,3 +123,21 @@ def test_expensive_templates_are_stopped(small_tokenizer, template, fragment):
     assert time.monotonic() - began < 5
     # cheap templates render as before under a limit
     assert render_chat([{"role": "user", "content": "hi"}], CHATML, small_tokenizer, timeout=0.3)[0].startswith("<|im")
+
+
+GEMMA_LIKE = (  # refuses a system turn; markers of another shape
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turn') }}"
+    "{% endif %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+INST = "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"  # noqa: E501
+
+
+def test_template_markers_are_what_the_template_writes_around_the_messages(small_tokenizer):
+    assert template_markers(CHATML, small_tokenizer) == ["<|im_start|>", "<|im_end|>"]
+    assert template_markers(GEMMA_LIKE, small_tokenizer) == ["<start_of_turn>", "<end_of_turn>"]
+    assert template_markers(INST, small_tokenizer) == ["</s>", "[INST]", "[/INST]"]  # (a system turn comes first)
+    # role names and other text are not markers; nor is marker-shaped text that only message content could hold
+    echo = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert template_markers(echo, small_tokenizer) == []
+    assert template_markers("{{ raise_exception('never') }}", small_tokenizer) == []

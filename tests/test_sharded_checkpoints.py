@@ -1,6 +1,8 @@
 """Issue 14: sharded checkpoints under FSDP (torch.distributed.checkpoint), resumed on another number of
-processes with the same data and tokens per step; a crash in the middle of a sharded save falls back."""
+processes with the same data and tokens per step; a crash in the middle of a sharded save falls back; saves in
+the background (async_checkpoint) give the same checkpoints."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,6 +45,12 @@ def dcp_config() -> Config:
         parallel="fsdp",
     )
     return Config(model=ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=32), train=train_cfg)
+
+
+def async_config() -> Config:
+    """dcp_config, its sharded checkpoints written in the background; the last 2 kept."""
+    cfg = dcp_config()
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, async_checkpoint=True, keep_checkpoints=2))
 
 
 def step_records(run: Path) -> list[dict]:
@@ -163,3 +171,79 @@ def test_step_windows_are_the_same_split_any_way(tmp_path, corpus_dir, reference
         seen[world] = torch.cat(rows)
     assert seen[1].shape == (16, 32)
     assert torch.equal(seen[1], seen[2]) and torch.equal(seen[1], seen[4])
+
+
+# --- saves in the background (async_checkpoint) -----------------------------------------------------
+
+
+def _dcp_state(ckpt: Path, cfg: Config) -> dict:
+    """{"model", "optimizers"}: a sharded checkpoint's whole state, read back in this one process."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = build_model(cfg.model)
+    model_sd, optim_sd = get_state_dict(model, build_optimizers(model, cfg.train, torch.device("cpu")))
+    sd = {"model": model_sd, "optimizers": optim_sd}
+    ckptmod._dcp_load(sd, ckpt, alone=True)
+    return sd
+
+
+def _tensors(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(tree, torch.Tensor):
+        yield prefix, tree
+
+
+def test_async_saves_crash_in_flight_then_resume(reference, corpus_dir, tmp_path):
+    root, ref = reference
+    run = tmp_path / "async"
+    _torchrun([str(ROOT / "tests" / "dist_async_worker.py"), str(run), str(corpus_dir), str(root / "cache")])
+    ckpts, cfg = run / "checkpoints", load_config(run)
+    assert cfg.train.async_checkpoint
+    # steps 2 and 4 count; the save of step 6 was in flight at the crash: its shards, but no manifest
+    assert [d.name for d in ckptmod.step_dirs(ckpts)] == ["step_0000002", "step_0000004"]
+    assert all(ckptmod.verify(d) is None and ckptmod.is_sharded(d) for d in ckptmod.step_dirs(ckpts))
+    (dead,) = ckpts.glob(".tmp-step_0000006*")
+    assert (dead / "__0_0.distcp").is_file() and not (dead / "manifest.json").exists()
+    assert ckptmod.latest_checkpoint(run).name == "step_0000004"
+
+    # step 2 was written in the background after step 3 had changed the weights: it holds what a synchronous
+    # save held at step 2, model and optimizer, bit for bit
+    written = dict(_tensors(_dcp_state(ckpts / "step_0000002", cfg)))
+    synchronous = dict(_tensors(_dcp_state(Path(f"{run}-reference"), cfg)))
+    assert written.keys() == synchronous.keys() and any(".exp_avg_sq" in k for k in written)
+    for k, t in written.items():
+        assert torch.equal(t, synchronous[k]), k
+    later = dict(_tensors(_dcp_state(ckpts / "step_0000004", cfg)))
+    assert not torch.equal(later[".model.blocks.0.attn.qkv.weight"], written[".model.blocks.0.attn.qkv.weight"])
+
+    # resumed on 2 processes, in the background again: from step 4, as the uninterrupted run
+    out = _torchrun(["-m", "lmforge", "train", "--resume", str(run)])
+    assert "resuming" in out.stdout and "unavailable" not in out.stdout + out.stderr
+    _assert_tracks(run, ref)
+    assert [d.name for d in ckptmod.step_dirs(ckpts)] == ["step_0000006", "step_0000008"]  # keep_checkpoints 2
+    assert not list(ckpts.glob(".tmp-*"))
+    final_eval = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in r][-1]
+    best = json.loads((ckpts / "best" / "manifest.json").read_text())
+    assert best["step"] == STEPS and best["val_loss"] == final_eval["val_loss"]
+    assert ckptmod.verify(ckpts / "best") is None
+    # the last background save was complete before the end: consolidated from it
+    consolidated = build_model(cfg.model)
+    load_weights(run / "model.safetensors", consolidated)
+    last = _dcp_state(ckpts / "step_0000008", cfg)["model"]
+    for k, t in consolidated.state_dict().items():
+        assert torch.equal(t, last[k]), k
+
+
+def test_async_checkpoint_outside_fsdp_saves_synchronously(tmp_path, corpus_dir):
+    lines = []
+    cfg = dataclasses.replace(dcp_config(), train=dataclasses.replace(dcp_config().train, async_checkpoint=True))
+    train(cfg, tmp_path / "r", data=corpus_dir, cache_root=tmp_path / "c", log=lines.append, stop_after_steps=2)
+    said = [line for line in lines if line.startswith("async")]
+    assert said == [
+        "async checkpoints unavailable (a one-process run's checkpoints are one full file written by rank 0; "
+        "only sharded (FSDP) saves run in the background); saving synchronously"
+    ]
+    assert [d.name for d in ckptmod.step_dirs(tmp_path / "r" / "checkpoints")] == ["step_0000002"]
+    assert ckptmod.verify(ckptmod.latest_checkpoint(tmp_path / "r")) is None

@@ -4,6 +4,9 @@
     render_chat(messages, template, tok)    (prompt text, extra stop strings)
     encode_chat(messages, template, tok)    (prompt token ids, extra stop strings): the template's
                                             control tokens by id, the messages' text as text
+    encode_rendered(...)                    the same with the text, each token's position and where each
+                                            message lies in it (what server, fine-tuning and harness share)
+    template_markers(template, tok)         the control-token texts a template writes around the messages
 
 A run directory with a Hugging Face `tokenizer_config.json` holding a `chat_template` (or a
 `chat_template.jinja` file) uses that Jinja template, rendered in a sandbox as transformers does
@@ -18,14 +21,15 @@ the model's answer ends where it would start the user's next turn:
     Assistant:
 
 Text from users is text: a message that contains "<|im_end|>" or "<|endoftext|>" must not end its turn
-or its document. So `encode_chat` tells the template's text from the messages' text: it renders the
+or its document. So `encode_rendered` tells the template's text from the messages' text: it renders the
 template a second time with a unique placeholder for each message's content, and where putting the
 contents back into that rendering gives the real one, it knows exactly which characters came from
 the messages. Special tokens are then read from the template's characters only; the messages' are
 encoded as ordinary text. (A template that changes the content, say with `| trim`, defeats the
 placeholders: then a message holding special-token text is refused, since it could not be kept apart.)
 
-The server renders chat requests here; chat fine-tuning renders its training conversations the same way.
+The server renders chat requests here; chat fine-tuning renders its training conversations, and the
+benchmark harness its chat prompts, with the same function.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import re
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LmforgeError
@@ -203,12 +208,43 @@ def encode_chat(
     and when a message holds special-token text that the template transforms (so its place in the
     rendered prompt cannot be told from the template's own).
     """
+    enc = encode_rendered(messages, template, tokenizer, True, timeout)
+    return enc.ids, enc.stop
+
+
+@dataclass
+class EncodedChat:
+    """Messages rendered by a template and encoded: control tokens by id, message text as text.
+
+    text: the rendered text. ids: its token ids; starts[k]: the character of text where token k begins.
+    spans: (start, end, message index) of each place a message's content lies in text, in order (a template
+    may repeat a message); None when they cannot be known (the template changes the content). stop: extra stop
+    strings of the template (the plain template's)."""
+
+    text: str
+    ids: list[int]
+    starts: list[int]
+    spans: list[tuple[int, int, int]] | None
+    stop: list[str]
+
+
+def encode_rendered(
+    messages: list[dict],
+    template: str | None,
+    tokenizer,
+    add_generation_prompt: bool = True,
+    timeout: float | None = None,
+) -> EncodedChat:
+    """Render messages with template (None: the plain template) and encode the text (see the module docstring).
+
+    Special tokens are read from the template's own characters only (inserted by id); the messages' characters
+    are ordinary text; the plain template has no control tokens. Raises ChatTemplateError as render_chat does
+    (timeout: seconds for all the rendering this needs), and when a message holds special-token text that the
+    template transforms (so its place in the rendered text cannot be told from the template's own)."""
     deadline = _deadline(timeout)
-    text, stop = _render(messages, template, tokenizer, deadline)
-    if template is None:  # the plain template has no control tokens: all of it is text
-        return tokenizer.encode(text), stop
-    specials = _special_tokens(tokenizer)
-    spans = _message_spans(messages, template, tokenizer, text, deadline)
+    text, stop = _render(messages, template, tokenizer, deadline, add_generation_prompt)
+    spans = _message_spans(messages, template, tokenizer, text, deadline, add_generation_prompt)
+    specials = special_tokens(tokenizer) if template is not None else {}
     if spans is None:
         held = [t for m in messages for t in specials if t in m["content"]]
         if held:
@@ -216,57 +252,115 @@ def encode_chat(
                 f"a message contains the special token text {held[0]!r} and this chat template rewrites message "
                 "text, so it cannot be kept apart from the template's own control tokens"
             )
-        spans = []  # every special token in the prompt is the template's
-    return _encode_outside(text, spans, specials, tokenizer), stop
+    ids, starts = _encode_outside(text, [s[:2] for s in spans or []], specials, tokenizer)
+    return EncodedChat(text, ids, starts, spans, stop)
 
 
-def _special_tokens(tokenizer) -> dict[str, int]:
+# What a control token of a chat template looks like: <|im_start|>, <|user|> (ChatML, Phi, Llama 3), <start_of_turn>,
+# </s> (Gemma, Llama 2), [INST], [/INST] (Mistral). Names up to 64 characters, no spaces.
+MARKER = re.compile(r"<\|[^\s<>|]{1,64}\|>|</?[A-Za-z][\w.:-]{0,63}>|\[/?[A-Z][A-Z_]{0,63}\]")
+_PROBES = (  # conversations a template is rendered on to find its markers (some templates refuse a system turn)
+    ("system", "user", "assistant", "user", "assistant"),
+    ("user", "assistant", "user", "assistant"),
+)
+
+
+def template_markers(template: str, tokenizer) -> list[str]:
+    """The control-token texts a chat template writes around the messages, in order of first appearance.
+
+    The template is rendered on a few probe conversations (with and without the generation prompt) whose
+    contents are placeholders, so only the template's own characters are searched; a marker is a piece of
+    them shaped like MARKER (`<|name|>`, `<name>`, `</name>`, `[NAME]`, `[/NAME]`). Probes the template refuses
+    are skipped. Text the template writes that has another shape (a role name, a newline) stays text."""
+    found: dict[str, None] = {}
+    for roles in _PROBES:
+        messages = [{"role": r, "content": h} for r, h in zip(roles, _holders(len(roles)))]
+        for add_generation_prompt in (True, False):
+            try:
+                text, _ = _render(messages, template, tokenizer, None, add_generation_prompt)
+            except ChatTemplateError:
+                continue
+            for piece in _HOLDER.split(text)[::2]:  # the template's own text, between the placeholders
+                found.update(dict.fromkeys(MARKER.findall(piece)))
+    return list(found)
+
+
+def special_tokens(tokenizer) -> dict[str, int]:
     """{text: id} of the tokenizer's special (control) tokens."""
     return {t.content: i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special and t.content}
 
 
+# Placeholders for message contents while rendering: private-use characters around a per-process random tag.
+_TAG = uuid.uuid4().hex
+_HOLDER = re.compile(f"(\ue000{_TAG}:\\d+\ue001)")
+
+
+def _holders(n: int) -> list[str]:
+    return [f"\ue000{_TAG}:{i}\ue001" for i in range(n)]
+
+
 def _message_spans(
-    messages: list[dict], template: str, tokenizer, text: str, deadline: _Deadline | None
-) -> list[tuple[int, int]] | None:
-    """Where the messages' content lies in the rendered text, as [start, end) spans; None if it cannot be known.
+    messages: list[dict],
+    template: str | None,
+    tokenizer,
+    text: str,
+    deadline: _Deadline | None,
+    add_generation_prompt: bool = True,
+) -> list[tuple[int, int, int]] | None:
+    """(start, end, message index) of each place the messages' content lies in the rendered text, in order; None
+    if it cannot be known.
 
     Renders again with a unique placeholder per message; putting each content back where its placeholder
     landed must give `text` exactly, which also shows the template used the content unchanged.
     """
-    tag = uuid.uuid4().hex
-    holders = [f"\ue000{tag}:{i}\ue001" for i in range(len(messages))]
+    holders = _holders(len(messages))
     try:
-        marked, _ = _render([{**m, "content": h} for m, h in zip(messages, holders)], template, tokenizer, deadline)
+        marked, _ = _render(
+            [{**m, "content": h} for m, h in zip(messages, holders)],
+            template,
+            tokenizer,
+            deadline,
+            add_generation_prompt,
+        )
     except ChatTemplateError:  # the template looks into the content (and refuses a placeholder)
         if deadline is not None:
             deadline._check()  # (but out of time is out of time)
         return None
     index = {h: i for i, h in enumerate(holders)}
     rebuilt, spans, pos = [], [], 0
-    for piece in re.split(f"(\ue000{tag}:\\d+\ue001)", marked):
+    for piece in _HOLDER.split(marked):
         i = index.get(piece)
-        if i is None:
-            rebuilt.append(piece)
-            pos += len(piece)
-            continue
-        content = messages[i]["content"]
-        rebuilt.append(content)
-        spans.append((pos, pos + len(content)))
-        pos += len(content)
+        if i is not None:
+            piece = messages[i]["content"]
+            spans.append((pos, pos + len(piece), i))
+        rebuilt.append(piece)
+        pos += len(piece)
     return spans if "".join(rebuilt) == text else None
 
 
-def _encode_outside(text: str, spans: list[tuple[int, int]], specials: dict[str, int], tokenizer) -> list[int]:
-    """Encode text with special tokens read only outside spans (which are encoded as plain text)."""
-    if not specials:
-        return tokenizer.encode(text)
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+def _encode_outside(
+    text: str, spans: list[tuple[int, int]], specials: dict[str, int], tokenizer
+) -> tuple[list[int], list[int]]:
+    """(ids, start character of each id) of text, with special tokens read only outside spans (which, like all text
+    between special tokens, are encoded as plain text)."""
     ids: list[int] = []
+    starts: list[int] = []
+
+    def plain(a: int, b: int) -> None:
+        if a < b:
+            piece_ids, piece_starts = tokenizer.encode_offsets(text[a:b])
+            ids.extend(piece_ids)
+            starts.extend(a + s for s in piece_starts)
+
     plain_from = 0  # start of the text not yet encoded
-    bounds = [0] + [b for span in spans for b in span] + [len(text)]
-    for k in range(0, len(bounds), 2):  # template pieces: bounds[k]..bounds[k+1]; messages lie between them
-        for m in pattern.finditer(text, bounds[k], bounds[k + 1]):
-            ids += tokenizer.encode(text[plain_from : m.start()])
-            ids.append(specials[m.group()])
-            plain_from = m.end()
-    return ids + tokenizer.encode(text[plain_from:])
+    if specials:
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+        bounds = [0] + [b for span in spans for b in span] + [len(text)]
+        for k in range(0, len(bounds), 2):  # template pieces: bounds[k]..bounds[k+1]; messages lie between them
+            for m in pattern.finditer(text, bounds[k], bounds[k + 1]):
+                plain(plain_from, m.start())
+                ids.append(specials[m.group()])
+                starts.append(m.start())
+                plain_from = m.end()
+    plain(plain_from, len(text))
+    return ids, starts

@@ -4,17 +4,14 @@
                                      invalid conversations are reported by line (row) number and left out
     chat_demo(name)                  a built-in generated chat task (train / val / test conversations)
     DEFAULT_TEMPLATE                 the template of runs that have none; its role markers are special tokens
-    add_role_tokens(tokenizer)       adds those markers to a tokenizer (returns how many were new)
+    add_template_tokens(tok, tmpl)   makes a template's markers special tokens of a tokenizer
     encode_conversation(...)         (ids, trained) of one conversation: what fine-tuning learns from
     encode_prompt(...)               the ids a model is given to answer messages (what a server sends it)
     pack(examples, seq_len, pack)    Windows: conversations packed several per row, or one per row, padded
 
-Text from users is text. The template's own text (its role markers, the end-of-text token) is rendered
-by Jinja around the messages; to tell the two apart, the template is rendered once more with a unique
-placeholder for each message's content, and where putting the contents back into that rendering gives
-the real one, exactly the characters that came from the messages are known. Special tokens are read
-from the template's characters only (and inserted by id); message text is encoded as ordinary text,
-so a message holding "<|user|>" gets the characters "<|user|>", never the control token.
+Text from users is text: conversations are rendered and encoded by `chat.encode_rendered`, the same
+function the server uses, so the template's control tokens are inserted by id and a message holding
+"<|user|>" gets the characters "<|user|>", never the control token.
 
 Which tokens are trained: for the i-th message, if it is the assistant's, the text that rendering
 messages[:i+1] adds to the generation prompt of messages[:i] -- its reply and the end of its turn, as
@@ -27,14 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .chat import ChatTemplateError, encode_chat, render_chat
+from .chat import ChatTemplateError, encode_chat, encode_rendered, render_chat, special_tokens, template_markers
 from .pairs import IGNORE
 
 ROLES = ("system", "user", "assistant")
@@ -143,13 +138,15 @@ def split_conversations(conversations: list, val_fraction: float, seed: int) -> 
 
 @dataclass
 class ChatSource:
-    """What `lmforge finetune` trains on: the base run, the conversations (a file or a built-in demo), and the
-    chat template (Jinja source from --chat-template; None = the base run's own, else DEFAULT_TEMPLATE)."""
+    """What `lmforge finetune` trains on: the base run, the conversations (a file or a built-in demo), the chat
+    template (Jinja source from --chat-template; None = the base run's own, else DEFAULT_TEMPLATE) and its
+    markers (from --chat-token; None = found in the template)."""
 
     base: Path
     data: Path | None = None
     demo: str | None = None
     template: str | None = None
+    markers: list[str] | None = None
 
     def conversations(self, val_fraction: float, seed: int, log=print) -> tuple[list, list]:
         """(train, val) conversations: the demo's splits, or the file's, split by a seeded shuffle."""
@@ -252,100 +249,22 @@ def chat_demo(name: str, split: str) -> list[list[dict]]:
 # --- tokens -----------------------------------------------------------------------------------------
 
 
-def add_role_tokens(tokenizer) -> int:
-    """Add DEFAULT_TEMPLATE's role markers to tokenizer as special tokens (ids after the existing ones).
+def add_template_tokens(tokenizer, template: str, markers: list[str] | None = None) -> list[str]:
+    """Make a chat template's markers special tokens of tokenizer: new ids after the existing ones, in order.
 
-    Returns how many were new (0 when the tokenizer has them all already)."""
+    markers: the marker texts, or None to find them in the template (`chat.template_markers`: the `<|name|>`,
+    `<name>`, `[NAME]`-shaped pieces of what it writes around the messages). Returns the markers that were not
+    special tokens already ([] when the tokenizer has them all). Message text holding a marker's characters stays
+    text (`chat.encode_rendered`)."""
     from tokenizers import AddedToken
 
-    vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
-    new = [AddedToken(t, special=True, normalized=False) for t in ROLE_TOKENS if t not in vocab]
-    return tokenizer.hf.add_special_tokens(new) if new else 0
-
-
-def special_tokens(tokenizer) -> dict[str, int]:
-    """{text: id} of the tokenizer's special (control) tokens."""
-    return {t.content: i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special and t.content}
-
-
-def _token_tools(tokenizer):
-    """(a copy of the tokenizer's engine that encodes special-token text as ordinary text, {special text: id},
-    a regex finding special-token text or None), cached on the tokenizer until its vocabulary changes."""
-    cached = tokenizer.__dict__.get("_chat_tools")
-    if cached is None or cached[0] != tokenizer.vocab_size:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        plain = HFTokenizer.from_str(tokenizer.hf.to_str())
-        plain.encode_special_tokens = True
-        specials = special_tokens(tokenizer)
-        alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
-        cached = (tokenizer.vocab_size, plain, specials, re.compile(alternatives) if specials else None)
-        tokenizer.__dict__["_chat_tools"] = cached
-    return cached[1:]
-
-
-# Placeholders for message contents while rendering: private-use characters around a per-process random tag.
-_TAG = uuid.uuid4().hex
-_HOLDER = re.compile(f"(\ue000{_TAG}:\\d+\ue001)")
-
-
-def _render(messages, template: str, tokenizer, add_generation_prompt: bool) -> str:
-    return render_chat(messages, template, tokenizer, add_generation_prompt=add_generation_prompt)[0]
-
-
-def _content_spans(messages, template, tokenizer, text: str, add_generation_prompt: bool):
-    """[start, end) of each message's content in the rendered text, or None when it cannot be known
-    (the template changes or inspects the content)."""
-    holders = [f"\ue000{_TAG}:{i}\ue001" for i in range(len(messages))]
-    try:
-        marked = _render(
-            [{**m, "content": h} for m, h in zip(messages, holders)], template, tokenizer, add_generation_prompt
-        )
-    except ChatTemplateError:
-        return None
-    index = {h: i for i, h in enumerate(holders)}
-    rebuilt, spans, pos = [], [None] * len(messages), 0
-    for piece in _HOLDER.split(marked):
-        i = index.get(piece)
-        if i is not None:
-            piece = messages[i]["content"]
-            spans[i] = (pos, pos + len(piece))
-        rebuilt.append(piece)
-        pos += len(piece)
-    return spans if "".join(rebuilt) == text else None
-
-
-def _encode_text(messages, template, tokenizer, add_generation_prompt: bool):
-    """(text, ids, start character of each id, content spans or None) of the rendered messages."""
-    text = _render(messages, template, tokenizer, add_generation_prompt)
-    spans = _content_spans(messages, template, tokenizer, text, add_generation_prompt)
-    plain, specials, pattern = _token_tools(tokenizer)
-    if spans is None:
-        held = [t for m in messages for t in specials if t in m["content"]]
-        if held:
-            raise ChatTemplateError(
-                f"a message contains the special token text {held[0]!r} and this chat template changes message "
-                "text, so it cannot be kept apart from the template's own control tokens"
-            )
-    inside = sorted(s for s in (spans or []) if s is not None)
-    ids, starts, frm = [], [], 0
-
-    def encode_plain(a, b):
-        if a < b:
-            enc = plain.encode(text[a:b], add_special_tokens=False)
-            ids.extend(enc.ids)
-            starts.extend(a + o[0] for o in enc.offsets)
-
-    # template text lies between the content spans: only there are special tokens read (by id)
-    bounds = [0] + [b for s in inside for b in s] + [len(text)]
-    for k in range(0, len(bounds), 2):
-        for m in pattern.finditer(text, bounds[k], bounds[k + 1]) if pattern else ():
-            encode_plain(frm, m.start())
-            ids.append(specials[m.group()])
-            starts.append(m.start())
-            frm = m.end()
-    encode_plain(frm, len(text))
-    return text, ids, starts, spans
+    if markers is None:
+        markers = template_markers(template, tokenizer)
+    specials = special_tokens(tokenizer)
+    new = [t for t in dict.fromkeys(markers) if t and t not in specials]
+    if new:
+        tokenizer.hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+    return new
 
 
 def encode_prompt(messages: list[dict], template: str | None, tokenizer) -> list[int]:
@@ -363,21 +282,21 @@ def encode_conversation(
 
     train_on "assistant": the assistant's replies and the end of their turns (see the module docstring);
     "all": every token. Raises ChatTemplateError when the template refuses the messages."""
-    text, ids, starts, spans = _encode_text(messages, template, tokenizer, False)
+    enc = encode_rendered(messages, template, tokenizer, add_generation_prompt=False)
     if train_on == "all":
-        return ids, [True] * len(ids)
+        return enc.ids, [True] * len(enc.ids)
     regions = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(messages[:i], template, tokenizer, True) if i else ""
-        upto = _render(messages[: i + 1], template, tokenizer, False)
-        if text.startswith(upto) and upto.startswith(prompt):
+        prompt = render_chat(messages[:i], template, tokenizer)[0] if i else ""
+        upto = render_chat(messages[: i + 1], template, tokenizer, add_generation_prompt=False)[0]
+        if enc.text.startswith(upto) and upto.startswith(prompt):
             regions.append((len(prompt), len(upto)))
-        elif spans is not None:
-            regions.append(spans[i])
-    trained = [any(a <= s < b for a, b in regions) for s in starts]
-    return ids, trained
+        else:
+            regions += [(a, b) for a, b, k in enc.spans or [] if k == i]
+    trained = [any(a <= s < b for a, b in regions) for s in enc.starts]
+    return enc.ids, trained
 
 
 # --- windows ----------------------------------------------------------------------------------------

@@ -106,6 +106,16 @@ class Tokenizer:
             _refuse_surrogates([text])
             raise
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(token ids of text, the character of text where each token starts), text as text as in encode.
+        Raises LmforgeError for text that is not valid Unicode."""
+        try:
+            enc = self.hf.encode(text, add_special_tokens=False)
+        except TypeError:
+            _refuse_surrogates([text])
+            raise
+        return enc.ids, [start for start, _ in enc.offsets]
+
     def encode_batch(
         self, texts: list[str], allow_special: bool = False, continued: list[bool] | None = None
     ) -> list[list[int]]:

@@ -16,6 +16,15 @@ tokens t_i, of log p(t_i | everything before it). A pair longer than the context
 block_size + 1 tokens (the harness's convention). The result is exactly what the model computes:
 tests compare it with a direct, one-pair-at-a-time computation.
 
+Chat options (`apply_chat_template`, `fewshot_as_multiturn`, `system_instruction`): the harness hands the
+adapter each prompt as a list of messages and sends back the text it gets, as the context of its
+requests. `apply_chat_template` renders that text with the run's own chat template (the plain one for a
+run without) through `chat.encode_rendered`, the rendering fine-tuning trains on and the server uses,
+and remembers the token ids of the rendered prompt up to its last control token. A context that begins
+with exactly such a rendering is encoded as those ids followed by the rest as text, so the model sees
+the control tokens by id, as in training, while text that did not come from the template (a document
+holding "<|user|>") stays text.
+
 Registration: importing this module registers the adapter as `lmforge` in the harness's model
 registry, so `lm_eval.simple_evaluate(model="lmforge", model_args="run=RUN", ...)` works; the
 package also declares an `lm_eval.models` entry point for harness versions that discover plugins;
@@ -25,8 +34,10 @@ adapter registered (`--model lmforge --model_args run=RUN`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -35,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.chat import ChatTemplateError, encode_rendered, load_chat_template, special_tokens
 from ..errors import LmforgeError
 
 try:
@@ -98,7 +110,8 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[tup
 class LmforgeLM(TemplateLM):
     """lm-evaluation-harness model for an lmforge run (`run=DIR`) or an already loaded (model, tokenizer).
 
-    model_args: run, device (default cpu), batch_size (default 16), max_gen_toks (default 256).
+    model_args: run, device (default cpu), batch_size (default 16), max_gen_toks (default 256). A loaded model
+    takes its chat template as `template` (Jinja source; None: the plain one); a run uses its own.
     """
 
     def __init__(
@@ -109,6 +122,7 @@ class LmforgeLM(TemplateLM):
         device: str = "cpu",
         batch_size: int | str = 16,
         max_gen_toks: int | str = 256,
+        template: str | None = None,
         **unused,
     ):
         super().__init__()
@@ -118,12 +132,17 @@ class LmforgeLM(TemplateLM):
             from ..runs import load
 
             model, tokenizer = load(run, device=device)
+            template = load_chat_template(run)
         if not hasattr(model.config, "block_size"):
             raise LmforgeError("benchmark tasks need a decoder-only language model, not a seq2seq run")
         self.model, self.tok = model.eval(), tokenizer
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.run = str(run) if run is not None else None
+        self.template = template
+        self._rendered: dict[str, list[int]] = {}  # rendered chat prompt up to its last control token -> its ids
+        specials = special_tokens(tokenizer)
+        self._control = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) or "(?!)")
 
     @property
     def eot_token_id(self) -> int:
@@ -133,8 +152,51 @@ class LmforgeLM(TemplateLM):
     def max_length(self) -> int:
         return self.model.config.block_size
 
+    # --- chat -------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer and template for the harness's request cache: the run's name and a template hash."""
+        digest = hashlib.sha256((self.template or "lmforge-plain").encode()).hexdigest()[:12]
+        return f"lmforge-{Path(self.run).name if self.run else 'model'}-{digest}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The run's chat template (Jinja source; "" for the plain template of a run without one), None if off."""
+        return (self.template or "") if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The harness's messages as prompt text, rendered with the run's template (see the module docstring).
+
+        add_generation_prompt False (a task's `gen_prefix`): the last message is the start of the assistant's
+        reply, and the prompt ends where its text ends, for the model to continue it. Raises LmforgeError when
+        the template refuses the messages."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in chat_history]
+        enc = encode_rendered(messages, self.template, self.tok, add_generation_prompt)
+        end = len(enc.text)
+        if not add_generation_prompt:  # continue the final message: cut after its text
+            last = [b for _, b, k in enc.spans or [] if k == len(messages) - 1]
+            if messages[-1]["role"] != "assistant" or not last:
+                raise ChatTemplateError("chat template: cannot continue the final message (it must be the assistant's)")
+            end = last[-1]
+        text = enc.text[:end]
+        head = None  # (tokens, characters) up to the template's last control token before `end`
+        for k, (token_id, start) in enumerate(zip(enc.ids, enc.starts)):
+            m = self._control.match(text, start)
+            if m is not None and self.tok.hf.token_to_id(m.group()) == token_id:
+                head = (k + 1, m.end())
+        if head is not None:  # remembered for tok_encode; what follows it is text
+            self._rendered[text[: head[1]]] = enc.ids[: head[0]]
+        return text
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tok.encode(string)  # lmforge adds no special tokens: text is text
+        """Text is text (lmforge adds no special tokens), except the start of a context that apply_chat_template
+        rendered: that part gets the ids the template's rendering has (control tokens by id)."""
+        if self._rendered:
+            for m in reversed(list(self._control.finditer(string))):  # where a remembered rendering could end
+                head = self._rendered.get(string[: m.end()])
+                if head is not None:
+                    return head + self.tok.encode(string[m.end() :])
+        return self.tok.encode(string)
 
     def tok_decode(self, tokens: Iterable[int], **kwargs) -> str:
         return self.tok.decode(tokens)
@@ -174,7 +236,7 @@ class LmforgeLM(TemplateLM):
             sample = kwargs.pop("do_sample", False)
             temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
             max_new = max(1, min(max_new, self.max_length - 1))
-            ids = self.tok.encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]
             prompts.append(ids)
             params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature, stop=[s for s in until if s]))
         completions = generate_batch(self.model, self.tok, prompts, params, max_batch=self.batch_size)
@@ -231,12 +293,17 @@ def evaluate(
     include_path: str | Path | None = None,
     seed: int = 1234,
     manager=None,
+    apply_chat_template: bool = False,
+    fewshot_as_multiturn: bool | None = None,
+    system_instruction: str | None = None,
 ) -> dict:
     """Run harness tasks on an lm-eval model (an LmforgeLM, or any model the harness has: pass its LM object).
 
-    limit: at most this many documents per task (a fraction: that share). Returns the harness's results
-    dict. Raises LmforgeError for an unknown task, or a task whose dataset cannot be fetched (offline):
-    the message says where the data must come from."""
+    limit: at most this many documents per task (a fraction: that share). apply_chat_template: prompts as
+    conversations in the model's chat template; fewshot_as_multiturn (None: as apply_chat_template): few-shot
+    examples as earlier user/assistant turns rather than one user message; system_instruction: a system message
+    to open every prompt. Returns the harness's results dict. Raises LmforgeError for an unknown task, or a task
+    whose dataset cannot be fetched (offline): the message says where the data must come from."""
     manager = manager or task_manager(tasks, include_path)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the harness's notes on task defaults, not results
     try:
@@ -251,6 +318,9 @@ def evaluate(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
             log_samples=False,
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn,
+            system_instruction=system_instruction,
         )
     except Exception as e:
         if _is_network_error(e):
@@ -293,11 +363,14 @@ def run_tasks(
     include_path: str | Path | None = None,
     batch_size: int = 16,
     device: str = "cpu",
+    **chat_options,
 ) -> tuple[dict, Path]:
-    """`lmforge eval RUN --tasks ...`: evaluate the run, save the results JSON in RUN/eval/; (results, path)."""
+    """`lmforge eval RUN --tasks ...`: evaluate the run, save the results JSON in RUN/eval/; (results, path).
+
+    chat_options: apply_chat_template, fewshot_as_multiturn, system_instruction, as `evaluate` takes them."""
     manager = task_manager(tasks, include_path)  # a bad task name fails before the model loads
     lm = LmforgeLM(run=str(run_dir), device=device, batch_size=batch_size)
-    results = evaluate(lm, tasks, limit, num_fewshot, include_path, manager=manager)
+    results = evaluate(lm, tasks, limit, num_fewshot, include_path, manager=manager, **chat_options)
     return results, save_results(run_dir, tasks, results)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from ..data.chat import PLAIN_CHAT_STOP
-from ..data.chat_data import encode_prompt, special_tokens
+from ..data.chat import PLAIN_CHAT_STOP, special_tokens
+from ..data.chat_data import encode_prompt
 from .engine import Engine, Request, context_limit, generate_batch, truncate_prompt
 from .sampling import SamplingParams
 

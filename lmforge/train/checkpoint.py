@@ -13,16 +13,23 @@ A checkpoint is first written to a hidden temporary directory and renamed into p
 crash leaves either the complete new checkpoint or none (temporaries are removed at the next save or
 resume). On resume, manifests are verified and a damaged checkpoint is skipped in favour of the previous
 good one. A sharded checkpoint loads on any number of processes (DCP re-shards on load), also in one.
+
+A sharded save may also run in the background (`ShardedCheckpointer`, train option async_checkpoint): its
+shards are copied to host memory, written by a thread while training goes on, and the checkpoint counts
+(manifest, rename) only once every rank's shards are complete, before the next save begins or the run ends.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import sys
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LmforgeError
@@ -237,37 +244,166 @@ def save_sharded_checkpoint(
     writes them as they are (one `__R_0.distcp` per rank R, plus the `.metadata` index from rank 0). Each rank
     hashes its own shard file; rank 0 writes trainer_state (run state and RNGs, no optimizer) and the manifest,
     then renames the directory into place, updates best and prunes. RUN/model.safetensors is left alone.
+    (In the background instead: `ShardedCheckpointer`.)
     """
     import torch.distributed.checkpoint as dcp
+
+    save = _begin_sharded(run_dir, model, optimizers, trainer_state, parallel, keep, val_loss)
+    dcp.save(save.state_dict, checkpoint_id=save.tmp)
+    return _finish_sharded(save, parallel)
+
+
+@dataclass
+class _ShardedSave:
+    """A sharded save under way: where its shards go, and what `_finish_sharded` needs to make it count."""
+
+    run_dir: Path
+    tmp: Path  # checkpoints/.tmp-step_N-sharded: the shards are written here
+    final: Path  # checkpoints/step_N: the name it gets once complete and verified
+    step: int
+    keep: int
+    val_loss: float | None
+    state_dict: dict | None  # {"model", "optimizers"}: this rank's shards (DTensors), for DCP to write
+    future: Future | None = None  # an asynchronous save in flight
+
+
+def _begin_sharded(run_dir, model, optimizers, trainer_state: dict, parallel, keep, val_loss) -> _ShardedSave:
+    """Rank 0 clears stale temporaries, makes the temporary directory and writes trainer_state into it; every
+    rank takes its shards' state dict (no gathering). Collective."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     step = trainer_state["step"]
     root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}-sharded"  # the same name on every rank
     if parallel.is_main:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)
         tmp.mkdir()
+        save_trainer_state(tmp / TRAINER_STATE, trainer_state)
     parallel.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizers)
-    dcp.save({"model": model_sd, "optimizers": optim_sd}, checkpoint_id=tmp)
+    sd = {"model": model_sd, "optimizers": optim_sd}
+    return _ShardedSave(Path(run_dir), tmp, root / f"step_{step:07d}", step, keep, val_loss, sd)
+
+
+def _finish_sharded(save: _ShardedSave, parallel) -> Path:
+    """Make a save whose shards are all on disk count (collective): every rank hashes its own shard files,
+    rank 0 writes the manifest, renames the directory into place, updates best and prunes."""
+    tmp = save.tmp
     mine = {p.name: _file_info(p) for p in tmp.glob(f"__{parallel.info.rank}_*.distcp")}
     shards = parallel.gather_objects(mine)  # rank 0: every rank's {file: size, sha256}
     if parallel.is_main:
-        save_trainer_state(tmp / TRAINER_STATE, trainer_state)
         files = {name: info for part in shards for name, info in part.items()}
         files.update({name: _file_info(tmp / name) for name in (DCP_METADATA, TRAINER_STATE)})
-        manifest = {"step": step, "val_loss": val_loss, "format": SHARDED, "ranks": len(shards), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if val_loss is not None:
-            _update_best(root, final, val_loss)
-        _prune(root, keep)
+        manifest = {"step": save.step, "val_loss": save.val_loss, "format": SHARDED, "ranks": len(shards)}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1))
+        if save.final.exists():
+            shutil.rmtree(save.final)
+        os.replace(tmp, save.final)
+        if save.val_loss is not None:
+            _update_best(save.final.parent, save.final, save.val_loss)
+        _prune(save.final.parent, save.keep)
     parallel.barrier()
-    return final
+    return save.final
+
+
+def async_save_unavailable(parallel) -> str | None:
+    """Why this run cannot save in the background (None: it can).
+
+    Background saves are DCP's `async_save` of a sharded (FSDP) run, over a gloo process group of their own
+    (the training's collectives keep the default group; two threads must not share one)."""
+    if not parallel.sharded:
+        what = "a DDP run's" if parallel.info.enabled else "a one-process run's"
+        return (
+            f"{what} checkpoints are one full file written by rank 0; only sharded (FSDP) saves run in the background"
+        )
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    if not hasattr(dcp, "async_save"):
+        return "this PyTorch has no torch.distributed.checkpoint.async_save"
+    if "async_stager" not in inspect.signature(dcp.async_save).parameters:  # its stager copies CPU shards
+        return "this PyTorch's async_save may not copy shards already in host memory before returning"
+    if not dist.is_gloo_available():
+        return "this PyTorch has no gloo backend for the background save's process group"
+    return None
+
+
+class ShardedCheckpointer:
+    """Sharded checkpoints of an FSDP run, written synchronously or in the background (asynchronous=True).
+
+    In the background, `save` takes a copy of this rank's shards in host memory (DCP's stager), starts
+    `torch.distributed.checkpoint.async_save` in a thread and returns: training goes on while the shards are
+    written. The save counts only once it is finished (`wait`): every rank's shards complete, hashed into the
+    manifest, the directory renamed into place, best and keep-last-K updated, exactly as a synchronous save.
+    A save waits for the previous one first, and the run waits for the last one before it ends (leaving the
+    `with` block); a crash while a save is in flight leaves only its temporary directory, so a resume falls
+    back to the previous checkpoint. When a background save is not possible (`async_save_unavailable`),
+    the constructor says why in one log line and saves synchronously.
+    """
+
+    def __init__(self, parallel, asynchronous: bool = False, log=print):
+        self.parallel = parallel
+        self.pending: _ShardedSave | None = None
+        self.group = None  # the background saves' own process group
+        if asynchronous:
+            reason = async_save_unavailable(parallel)
+            if reason is None:
+                import torch.distributed as dist
+
+                try:
+                    self.group = dist.new_group(backend="gloo")  # collective: every rank builds the checkpointer
+                except (RuntimeError, ValueError) as e:
+                    reason = f"no gloo process group for it: {str(e).splitlines()[0][:200]}"
+            if reason is not None:
+                log(f"async checkpoints unavailable ({reason}); saving synchronously")
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.group is not None
+
+    def save(self, run_dir: Path, model, optimizers, trainer_state: dict, keep: int = 3, val_loss=None) -> Path:
+        """Write checkpoints/step_N (collective); in the background, it counts only after `wait`."""
+        if not self.asynchronous:
+            return save_sharded_checkpoint(
+                run_dir, model, optimizers, trainer_state, self.parallel, keep=keep, val_loss=val_loss
+            )
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()  # the previous checkpoint counts before the next one begins
+        save = _begin_sharded(run_dir, model, optimizers, trainer_state, self.parallel, keep, val_loss)
+        # async_save stages (copies) the shards before it returns: the next optimizer steps cannot change them
+        future = dcp.async_save(save.state_dict, checkpoint_id=save.tmp, process_group=self.group)
+        save.future = getattr(future, "upload_completion", future)  # a Future, or an AsyncSaveResponse holding one
+        save.state_dict = None
+        self.pending = save
+        return save.final
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any (collective): its checkpoint directory, or None."""
+        save, self.pending = self.pending, None
+        if save is None:
+            return None
+        save.future.result()  # this rank's shards are written (raises what the background save raised)
+        return _finish_sharded(save, self.parallel)
+
+    def abandon(self) -> None:
+        """After an error: let the save in flight end, but never count it (no manifest, no rename)."""
+        save, self.pending = self.pending, None
+        if save is not None:
+            try:
+                save.future.result()
+            except Exception:  # the run is failing already; its error is the one to report
+                pass
+
+    def __enter__(self) -> ShardedCheckpointer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+        else:
+            self.abandon()
 
 
 def load_sharded(ckpt: Path, model, optimizers) -> dict:

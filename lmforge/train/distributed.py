@@ -228,11 +228,18 @@ def _full(t):
 
 
 class _FullStateModel:
-    """A model's config and state dict with FSDP shards gathered to full tensors (gathering is collective)."""
+    """A model's config and state dict with FSDP shards gathered to full tensors (gathering is collective).
+
+    A tensor under several names (a tied head) is gathered once and stays shared, so it is saved once."""
 
     def __init__(self, model):
         self.config = model.config
-        self._sd = {k: _full(v) for k, v in model.state_dict().items()}
+        gathered = {}
+        self._sd = {}
+        for k, v in model.state_dict(keep_vars=True).items():  # keep_vars: a tied weight is one object
+            if id(v) not in gathered:
+                gathered[id(v)] = _full(v.detach())
+            self._sd[k] = gathered[id(v)]
 
     def state_dict(self):
         return self._sd

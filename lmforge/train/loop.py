@@ -29,6 +29,8 @@ from ..errors import LmforgeError
 from ..models import build_model, moe
 from ..runs import METRICS, WEIGHTS, load_config, save_config
 from .checkpoint import (
+    ShardedCheckpointer,
+    async_save_unavailable,
     consolidate,
     is_sharded,
     latest_checkpoint,
@@ -36,7 +38,6 @@ from .checkpoint import (
     load_sharded,
     remove_stale_temporaries,
     save_checkpoint,
-    save_sharded_checkpoint,
 )
 from .distributed import DistInfo, Parallel, _full, broadcast_object, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
@@ -115,7 +116,9 @@ def _run(cfg, run_dir: Path, data, resume, cache_root, stop_after_steps, log, de
 
     # the loop: step, log, evaluate now and then, checkpoint now and then, until the budget is spent
     last_eval, interrupted, bad_in_row = {}, False, 0
-    with StopFlag() as stop:
+    # a background checkpoint counts once it is complete: the `with` waits for the last one (or, on an error, never
+    # counts it)
+    with StopFlag() as stop, setup.checkpointer or contextlib.nullcontext():
         state.start_clock()
         while state.progress(tc) < 1.0:
             if setup.parallel.any(stop.requested) or (stop_after_steps is not None and state.step >= stop_after_steps):
@@ -184,6 +187,7 @@ class Setup:
     parallel: Parallel | None = None  # None: one process
     compiled: Callable | None = None  # None: parallel.parallel_model
     precision: str = "fp32"
+    checkpointer: ShardedCheckpointer | None = None  # sharded runs (FSDP): writes their checkpoints, maybe async
 
     def __post_init__(self):
         if self.parallel is None:
@@ -226,6 +230,10 @@ def start(cfg: Config, task: Task, run_dir: Path, resume: bool, device, dist_inf
         compiled=torch.compile(parallel.parallel_model) if tc.compile else None,
         precision=precision,
     )
+    if parallel.sharded:  # collective (a background save's process group is made here)
+        setup.checkpointer = ShardedCheckpointer(parallel, tc.async_checkpoint, log)
+    elif tc.async_checkpoint:
+        log(f"async checkpoints unavailable ({async_save_unavailable(parallel)}); saving synchronously")
     model_line, train_line = task.describe(model, setup.accum)
     log(
         f"{model_line}; device {device}, {precision}"
@@ -419,17 +427,18 @@ def validate(task: Task, setup: Setup, state: RunState, report: Reporter) -> dic
 
 
 def save(setup: Setup, state: RunState, run_dir: Path, tc, val_loss: float | None = None) -> None:
-    """Write a checkpoint of the run: sharded under FSDP (every rank writes its part), else rank 0 writes the
-    full state (DDP: every rank holds it; one process)."""
+    """Write a checkpoint of the run: sharded under FSDP (every rank writes its part; with async_checkpoint in
+    the background, counted once complete), else rank 0 writes the full state (DDP: every rank holds it; one
+    process)."""
     state.note_val_loss(val_loss)
     trainer_state = {
         **state.to_dict(),
         "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
         "rng": global_rng_state(),
     }
-    if setup.parallel.sharded:  # each rank writes its own shards; nothing is gathered
+    if setup.checkpointer is not None:  # each rank writes its own shards, nothing is gathered; maybe in background
         keep = tc.keep_checkpoints
-        save_sharded_checkpoint(run_dir, setup.model, setup.optimizers, trainer_state, setup.parallel, keep, val_loss)
+        setup.checkpointer.save(run_dir, setup.model, setup.optimizers, trainer_state, keep, val_loss)
         return
     trainer_state["optimizers"] = [setup.parallel.full_optimizer_state(o) for o in setup.optimizers]
     full_model = setup.parallel.full_model()

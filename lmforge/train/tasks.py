@@ -29,7 +29,7 @@ from ..data.chat import load_chat_template
 from ..data.chat_data import (
     DEFAULT_TEMPLATE,
     ChatSource,
-    add_role_tokens,
+    add_template_tokens,
     examples,
     pack,
 )
@@ -49,10 +49,10 @@ from ..data.prepare import ensure_data
 from ..data.shards import TokenData
 from ..data.tokenizer import Tokenizer
 from ..errors import LmforgeError
+from ..evaluation.chat import evaluate_chats
 from ..evaluation.perplexity import ByteCounts, TokenScores, evaluate
 from ..evaluation.seq2seq import evaluate_pairs
 from ..inference.beam import translate
-from ..inference.chat_session import replies
 from ..inference.engine import generate
 from ..io import atomic_path, write_json_atomic
 from ..models import build_model
@@ -392,9 +392,10 @@ class Seq2SeqTask:
 class SFTTask:
     """Supervised fine-tuning on conversations: a decoder run learns to answer in a chat template.
 
-    New runs start from the base run's weights and tokenizer; when the base has no chat template, the default one
-    is used and its role markers are added to the tokenizer as special tokens (the embedding and head grow to fit:
-    existing rows unchanged, new rows the mean of the existing tokens' rows). Conversations are encoded with
+    New runs start from the base run's weights and tokenizer and keep the base's chat template; otherwise (the
+    base has none, or --chat-template gives one) the default or given template's markers are added to the
+    tokenizer as special tokens (the embedding and head grow to fit: existing rows unchanged, new rows the mean
+    of the existing tokens' rows). Conversations are encoded with
     `chat_data.encode_conversation` (loss on the assistant's tokens, or all with train_on="all"), cut to seq_len
     tokens, and packed several to a row with attention and positions reset at each conversation
     (`segments`), or one to a row when pack is off. Tokens, for the budget, progress and tokens_per_step, are
@@ -415,10 +416,10 @@ class SFTTask:
             self.tokenizer = load_tokenizer(source.base)
             self.base_tokens = self.tokenizer.vocab_size
             self.template = source.template or load_chat_template(source.base)
-            if self.template is None:
-                self.template = DEFAULT_TEMPLATE
-                if added := add_role_tokens(self.tokenizer):
-                    log(f"added {added} special token(s) for the chat template's role markers")
+            if source.template is not None or self.template is None:  # lmforge's template or the user's, not the base's
+                self.template = self.template or DEFAULT_TEMPLATE
+                if added := add_template_tokens(self.tokenizer, self.template, source.markers):
+                    log(f"added {len(added)} special token(s) for the chat template's markers: {' '.join(added)}")
             vocab = cfg.model.vocab_size
             if self.tokenizer.vocab_size > vocab:
                 vocab = round_up(self.tokenizer.vocab_size)
@@ -515,12 +516,12 @@ class SFTTask:
     def sample(self, model, step: int) -> str:
         """Greedy replies to the held-out conversations' last user turn: how many are exactly right, and one."""
         convs = self.val_conversations
-        got = replies(model, self.tokenizer, self.template, [c[:-1] for c in convs], self.tc.sample_tokens)
-        right = sum(g.strip() == c[-1]["content"].strip() for g, c in zip(got, convs))
+        res = evaluate_chats(model, self.tokenizer, self.template, convs, self.tc.sample_tokens)
         k = step % len(convs)
+        expected, got = res["replies"][k]
         return (
-            f"{right}/{len(convs)} held-out replies exactly right; {convs[k][-2]['content']!r} -> {got[k]!r} "
-            f"(expected {convs[k][-1]['content']!r})"
+            f"{round(res['exact'] * len(convs))}/{len(convs)} held-out replies exactly right; "
+            f"{convs[k][-2]['content']!r} -> {got!r} (expected {expected!r})"
         )
 
 
