@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,7 +264,7 @@ class _ShardedSave:
     keep: int
     val_loss: float | None
     state_dict: dict | None  # {"model", "optimizers"}: this rank's shards (DTensors), for DCP to write
-    future: Future | None = None  # an asynchronous save in flight
+    future: Future | None = None  # an asynchronous save in flight: this rank's shard infos once written
 
 
 def _begin_sharded(run_dir, model, optimizers, trainer_state: dict, parallel, keep, val_loss) -> _ShardedSave:
@@ -286,11 +286,18 @@ def _begin_sharded(run_dir, model, optimizers, trainer_state: dict, parallel, ke
     return _ShardedSave(Path(run_dir), tmp, root / f"step_{step:07d}", step, keep, val_loss, sd)
 
 
-def _finish_sharded(save: _ShardedSave, parallel) -> Path:
-    """Make a save whose shards are all on disk count (collective): every rank hashes its own shard files,
-    rank 0 writes the manifest, renames the directory into place, updates best and prunes."""
+def _shard_infos(tmp: Path, rank: int) -> dict:
+    """{file: size and sha256} of one rank's shard files in a checkpoint directory."""
+    return {p.name: _file_info(p) for p in tmp.glob(f"__{rank}_*.distcp")}
+
+
+def _finish_sharded(save: _ShardedSave, parallel, mine: dict | None = None) -> Path:
+    """Make a save whose shards are all on disk count (collective): every rank hashes its own shard files (or
+    brings `mine`, hashed already), rank 0 writes the manifest, renames the directory into place, updates best
+    and prunes."""
     tmp = save.tmp
-    mine = {p.name: _file_info(p) for p in tmp.glob(f"__{parallel.info.rank}_*.distcp")}
+    if mine is None:
+        mine = _shard_infos(tmp, parallel.info.rank)
     shards = parallel.gather_objects(mine)  # rank 0: every rank's {file: size, sha256}
     if parallel.is_main:
         files = {name: info for part in shards for name, info in part.items()}
@@ -334,8 +341,9 @@ class ShardedCheckpointer:
 
     In the background, `save` takes a copy of this rank's shards in host memory (DCP's stager), starts
     `torch.distributed.checkpoint.async_save` in a thread and returns: training goes on while the shards are
-    written. The save counts only once it is finished (`wait`): every rank's shards complete, hashed into the
-    manifest, the directory renamed into place, best and keep-last-K updated, exactly as a synchronous save.
+    written, then hashed (another thread). The save counts only once it is finished (`wait`): every rank's
+    shards complete, their hashes in the manifest, the directory renamed into place, best and keep-last-K
+    updated, exactly as a synchronous save.
     A save waits for the previous one first, and the run waits for the last one before it ends (leaving the
     `with` block); a crash while a save is in flight leaves only its temporary directory, so a resume falls
     back to the previous checkpoint. When a background save is not possible (`async_save_unavailable`),
@@ -346,6 +354,7 @@ class ShardedCheckpointer:
         self.parallel = parallel
         self.pending: _ShardedSave | None = None
         self.group = None  # the background saves' own process group
+        self._hasher = None  # a thread that hashes this rank's shards once written
         if asynchronous:
             reason = async_save_unavailable(parallel)
             if reason is None:
@@ -374,7 +383,11 @@ class ShardedCheckpointer:
         save = _begin_sharded(run_dir, model, optimizers, trainer_state, self.parallel, keep, val_loss)
         # async_save stages (copies) the shards before it returns: the next optimizer steps cannot change them
         future = dcp.async_save(save.state_dict, checkpoint_id=save.tmp, process_group=self.group)
-        save.future = getattr(future, "upload_completion", future)  # a Future, or an AsyncSaveResponse holding one
+        written = getattr(future, "upload_completion", future)  # a Future, or an AsyncSaveResponse holding one
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-checkpoint-hash")
+        # the shards are hashed in the background too (hashlib releases the GIL): `wait` only gathers the results
+        save.future = self._hasher.submit(_hash_when_written, written, save.tmp, self.parallel.info.rank)
         save.state_dict = None
         self.pending = save
         return save.final
@@ -384,8 +397,8 @@ class ShardedCheckpointer:
         save, self.pending = self.pending, None
         if save is None:
             return None
-        save.future.result()  # this rank's shards are written (raises what the background save raised)
-        return _finish_sharded(save, self.parallel)
+        mine = save.future.result()  # this rank's shards are written and hashed (or what went wrong is raised)
+        return _finish_sharded(save, self.parallel, mine)
 
     def abandon(self) -> None:
         """After an error: let the save in flight end, but never count it (no manifest, no rename)."""
@@ -404,6 +417,13 @@ class ShardedCheckpointer:
             self.wait()
         else:
             self.abandon()
+        if self._hasher is not None:
+            self._hasher.shutdown()
+
+
+def _hash_when_written(written: Future, tmp: Path, rank: int) -> dict:
+    written.result()  # raises what the background save raised
+    return _shard_infos(tmp, rank)
 
 
 def load_sharded(ckpt: Path, model, optimizers) -> dict:
