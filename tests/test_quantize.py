@@ -20,6 +20,7 @@ TOLERANCE = {
     "transposed": 1e-4,
     "linear": 0.0,
     "bf16-onednn": 0.2,
+    "bf16-mv": 0.2,
     "bf16-transposed": 0.2,
     "bf16-linear": 0.2,
     "int8": 0.3,
@@ -103,6 +104,15 @@ def test_bf16_kernels_agree_with_bf16_weights_reference(monkeypatch):
         layer = Q._FACTORIES[kernel][0](lin)
         err = (layer(x) - ref).abs().max() / ref.abs().max()
         assert err < 0.01, (kernel, float(err))
+        for one in (
+            x[:1],
+            x[None, :1],
+            x[1],
+        ):  # one token (the matrix-vector path of bf16-mv), as (1, in), (1, 1, in), (in,)
+            got = layer(one)
+            assert got.shape == one.shape[:-1] + (384,) and got.dtype == torch.float32
+            err = (got - ref[1 if one.dim() == 1 else 0]).abs().max() / ref.abs().max()
+            assert err < 0.01, (kernel, one.shape, float(err))
 
 
 def test_options_choose_a_runnable_kernel():
@@ -164,7 +174,7 @@ def test_measure_kernels_is_bounded(monkeypatch):
 def test_bf16_without_packed_kernel_falls_back(no_packed_bf16):
     assert "avx512bw" in Q.kernel_available("bf16-onednn")
     assert Q.kernel_available("onednn") is None  # fp32 packing still works on such CPUs
-    assert Q.choose_kernel("bf16") in ("bf16-transposed", "bf16-linear")
+    assert Q.choose_kernel("bf16") in ("bf16-mv", "bf16-transposed", "bf16-linear")
     ref_model, model = tiny_model(), Q.pack_for_inference(tiny_model(), "bf16")
     assert not any(isinstance(m, (nn.Linear, Q.PackedLinear)) for m in model.modules())
     x = torch.randint(0, 97, (2, 16))
@@ -205,3 +215,45 @@ def test_unknown_quantization_and_kernel():
 def test_small_fp32_layers_keep_nn_linear():
     model = Q.pack_for_inference(tiny_model(), "none")  # every layer of the toy model is below PACK_MIN_WEIGHTS
     assert all(not isinstance(m, (Q.PackedLinear, Q.DenseLinear)) for m in model.modules())
+
+
+LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, bias=False, tie_embeddings=False)
+
+
+def bf16_weights_reference(model):
+    """The bf16 option's reference: the same model with every linear weight (and bias) rounded to bf16, fp32 math."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p.copy_(p.bfloat16().float())
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kernel", Q.KERNELS["bf16"])
+@torch.no_grad()
+def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
+    """With --quantize bf16 the attention and MLP blocks run in bf16 (bf16 KV cache) and the residual stream in
+    fp32: a prompt, then decode steps through the cache, give the reference's logits (fp32 math on bf16 weights)
+    within bf16 rounding, as fp32 logits, and the same greedy tokens."""
+    if Q.kernel_available(kernel) is not None:
+        pytest.skip(f"{kernel} cannot run on this CPU")
+    kw = LLAMA if arch == "llama" else {}
+    ref = bf16_weights_reference(tiny_model(**kw))
+    model = Q.pack_for_inference(tiny_model(**kw), "bf16", kernel=kernel)
+    blocks = [m for m in model.modules() if isinstance(m, (Q.PackedLinear, Q.DenseLinear))]
+    assert {m.out_dtype for m in blocks} == {torch.bfloat16, None}  # the LM head gives fp32 logits
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    want = ref(ids)
+    scale = float(want.abs().max())
+    assert scale > 0.2
+    got = model(ids)
+    assert got.dtype == torch.float32 and float((got - want).abs().max()) < 0.01 * scale
+    cache = model.new_cache(2, 24)
+    assert cache.k[0].dtype == torch.bfloat16
+    steps = [model(ids[:, :16], cache)] + [model(ids[:, t : t + 1], cache) for t in range(16, 24)]
+    stepped = torch.cat(steps, dim=1)
+    assert stepped.dtype == torch.float32 and float((stepped - want).abs().max()) < 0.01 * scale
+    assert (stepped.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

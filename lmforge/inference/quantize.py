@@ -8,8 +8,8 @@ the best one this CPU can run:
 
     option        kernels (fallback order)              what changes
     none          onednn, transposed, linear            nothing but the layout: fp32, same results up to rounding
-    bf16          bf16-onednn, bf16-transposed,          weights and products in bfloat16 (activations stay fp32
-                  bf16-linear                            between layers)
+    bf16          bf16-onednn, bf16-mv,                  weights and products in bfloat16 (activations stay fp32
+                  bf16-transposed, bf16-linear           between layers)
     int8          int8                                   weight-only int8, one scale per output channel
     int8-dynamic  int8-dynamic                           int8 weights, activations rounded to int8 per call (PyTorch's
                                                          quantized ops, which PyTorch has deprecated): least exact
@@ -18,6 +18,8 @@ the best one this CPU can run:
                   bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: AVX2-only CPUs cannot run it
     transposed    W^T kept as an (in, out) matrix, y = x @ W^T: a matrix-vector product that streams W row by row
     linear        the usual (out, in) layout through F.linear
+    mv            the (out, in) layout, one token through torch.addmv (PyTorch's reduced-precision matrix-vector
+                  kernel, which accumulates in fp32 and streams W at close to the read bandwidth), more through F.linear
 
 Choosing a kernel (`choose_kernel`), in two steps:
   1. which can run: a kernel is available when a trial on a tiny layer runs and agrees with
@@ -49,7 +51,7 @@ from ..errors import LmforgeError
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 KERNELS = {
     "none": ("onednn", "transposed", "linear"),
-    "bf16": ("bf16-onednn", "bf16-transposed", "bf16-linear"),
+    "bf16": ("bf16-onednn", "bf16-mv", "bf16-transposed", "bf16-linear"),
     "int8": ("int8",),
     "int8-dynamic": ("int8-dynamic",),
 }
@@ -65,6 +67,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype=torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
+        self.out_dtype = None  # None: the input's dtype; pack_for_inference sets bf16 inside attention and MLP blocks
         self.packed = torch.ops.mkldnn._reorder_linear_weight(
             linear.weight.detach().to(dtype).contiguous(), 1
         )  # batch-size hint 1: decode
@@ -74,30 +77,40 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         # .default: the op itself, without the overload resolution of a call through its packet (per token, per layer)
         h = x.to(self.dtype).contiguous()
-        return torch.ops.mkldnn._linear_pointwise.default(h, self.packed, self.bias, "none", [], "").to(x.dtype)
+        y = torch.ops.mkldnn._linear_pointwise.default(h, self.packed, self.bias, "none", [], "")
+        return y.to(self.out_dtype or x.dtype)
 
 
 class DenseLinear(nn.Module):
     """x W^T + b with W stored in `dtype`, either as it is (out, in) through F.linear or transposed (in, out).
 
+    matvec (the (out, in) layout only): one row x (..., in) with a single row, the decode step at batch 1,
+    goes through torch.addmv instead, a matrix-vector kernel; more rows (a prompt) through F.linear.
     Plain PyTorch ops, so every CPU runs it; bf16 weights halve the bytes each token reads.
     """
 
-    def __init__(self, linear: nn.Linear, dtype=torch.float32, transposed: bool = False):
+    def __init__(self, linear: nn.Linear, dtype=torch.float32, transposed: bool = False, matvec: bool = False):
         super().__init__()
+        if transposed and matvec:
+            raise ValueError("matvec uses the (out, in) layout, not the transposed one")
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
-        self.transposed = transposed
+        self.transposed, self.matvec = transposed, matvec
+        self.out_dtype = None  # None: the input's dtype; pack_for_inference sets bf16 inside attention and MLP blocks
         w = linear.weight.detach().to(dtype)
         self.register_buffer("weight", w.t().contiguous() if transposed else w.contiguous())  # (in, out) or (out, in)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
 
     def forward(self, x):
         h = x.to(self.dtype)
+        if self.matvec and h.numel() == self.in_features:  # one token of one row
+            v = h.reshape(self.in_features)
+            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
+            return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
         if not self.transposed:
-            return F.linear(h, self.weight, self.bias).to(x.dtype)
+            return F.linear(h, self.weight, self.bias).to(self.out_dtype or x.dtype)
         flat = h.reshape(-1, self.in_features)
         y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -144,6 +157,7 @@ _FACTORIES = {
     "transposed": (lambda lin: DenseLinear(lin, torch.float32, transposed=True), True),
     "linear": (None, True),
     "bf16-onednn": (lambda lin: PackedLinear(lin, torch.bfloat16), False),
+    "bf16-mv": (lambda lin: DenseLinear(lin, torch.bfloat16, matvec=True), False),
     "bf16-transposed": (lambda lin: DenseLinear(lin, torch.bfloat16, transposed=True), False),
     "bf16-linear": (lambda lin: DenseLinear(lin, torch.bfloat16), False),
     "int8": (Int8Linear, False),
@@ -326,4 +340,28 @@ def pack_for_inference(
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, make(child))
+    if quantize == "bf16":
+        _bf16_inside_blocks(model)
     return model
+
+
+def _bf16_inside_blocks(model: nn.Module) -> None:
+    """Keep activations in bf16 within each attention and MLP block of a bf16 model; the residual stream,
+    the norms and the logits stay fp32.
+
+    The projections of attention (qkv, proj) and of the MLP (up, gate, down) return bf16, which is what
+    their bf16 products give before the cast back: so attention runs in bf16 (keys and values, the KV cache,
+    softmax(q k^T) v, which accumulates in fp32), as does the MLP's activation, and the next projection
+    takes its input without a conversion. A block's output joins the fp32 residual stream in the add (type
+    promotion), so the stream keeps fp32 precision; the only roundings added are of values that are already
+    bf16 products (a projection's output) or about to be rounded for the next product anyway.
+    """
+    from ..models.layers import MLP, Attention
+
+    for block in model.modules():
+        if isinstance(block, (Attention, MLP)):
+            for child in block.children():
+                if isinstance(child, (PackedLinear, DenseLinear)) and child.dtype == torch.bfloat16:
+                    child.out_dtype = torch.bfloat16
+    if hasattr(model, "cache_dtype"):
+        model.cache_dtype = torch.bfloat16  # keys and values come out of bf16 projections

@@ -71,6 +71,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
+        self.cache_dtype: torch.dtype | None = None  # of new_cache's keys/values; None: the embeddings' dtype
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer) so the residual stream keeps its size;
         # zero_init_proj: start them at zero instead, so every block begins as the identity (modded-nanogpt).
@@ -110,7 +111,7 @@ class DecoderLM(nn.Module):
             max_len,
             cfg.sliding_window,
             device=device or p.device,
-            dtype=dtype or p.dtype,
+            dtype=dtype or self.cache_dtype or p.dtype,
         )
 
     def forward(

@@ -149,6 +149,8 @@ class Attention(nn.Module):
         else:  # mask: (T, S) or (B, 1, T, S), True where a query may look
             keys, values, mask, is_causal = cache.update(self.layer_idx, k, v)
 
+        if not q.dtype == keys.dtype == values.dtype:  # bf16 projections (--quantize bf16) around fp32 norms/RoPE
+            q, keys = q.to(values.dtype), keys.to(values.dtype)
         if keys.shape[1] != self.n_head:  # grouped-query: share each key/value head across its query group
             rep = self.n_head // self.n_kv_head
             keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
