@@ -53,13 +53,13 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 def bytes_per_step(model, batch: int, context: float, option: str = "none") -> float:
     """Bytes one decode step reads: every linear layer's weights as the option stores them (the tied LM head
     reads the whole embedding), the other parameters in fp32 except the embeddings (one row each), plus
-    every row's keys and values (fp32) at the given average context length."""
+    every row's keys and values at the given average context length (bf16 with --quantize bf16, else fp32)."""
     c = model.config
     linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
     embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)} - set(linear)
     other = sum(p.numel() for p in model.parameters() if id(p) not in linear and id(p) not in embeddings)
     kv = c.n_layer * 2 * batch * context * c.kv_heads * c.head_dim
-    return sum(linear.values()) * WEIGHT_BYTES.get(option, 4) + (other + kv) * 4
+    return sum(linear.values()) * WEIGHT_BYTES.get(option, 4) + other * 4 + kv * (2 if option == "bf16" else 4)
 
 
 def main():
