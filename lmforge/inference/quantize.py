@@ -8,8 +8,9 @@ the best one this CPU can run:
 
     option        kernels (fallback order)              what changes
     none          onednn, transposed, linear            nothing but the layout: fp32, same results up to rounding
-    bf16          bf16-onednn, bf16-mv,                  weights and products in bfloat16 (activations stay fp32
-                  bf16-transposed, bf16-linear           between layers)
+    bf16          bf16-onednn, bf16-mv,                  weights and products in bfloat16, and within each attention
+                  bf16-transposed, bf16-linear           and MLP block the activations and the KV cache too; the
+                                                         residual stream, the norms and the logits stay fp32
     int8          int8                                   weight-only int8, one scale per output channel
     int8-dynamic  int8-dynamic                           int8 weights, activations rounded to int8 per call (PyTorch's
                                                          quantized ops, which PyTorch has deprecated): least exact
