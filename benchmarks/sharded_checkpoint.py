@@ -11,13 +11,16 @@ Three timed runs of the same training steps (AdamW, batch 1 x --seq tokens per r
   writes while training continues; a save counts once `wait` has finished it).
 The runs' wall clocks include waiting for the last save, so "cost per save" = (run - baseline) / saves is
 everything a save takes from training, including the CPU its background threads take from the training
-threads on the same cores. Then one gathered save (every parameter and optimizer tensor gathered to full
-size on every rank, rank 0 writes one file; what a sharded run would do without DCP) is timed for
-comparison, and the sizes on disk of both kinds are printed.
+threads on the same cores. The three runs are repeated --rounds times in rotating order; medians are printed,
+with every round's figure beside them (on a shared machine a single round can be off by seconds).
+Then one gathered save (every parameter and optimizer tensor gathered to full size on every rank, rank 0
+writes one file; what a sharded run would do without DCP) is timed for comparison, and the sizes on disk
+of both kinds are printed.
 """
 
 import argparse
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -43,6 +46,7 @@ def main():
     ap.add_argument("--seq", type=int, default=128, help="tokens per rank per step")
     ap.add_argument("--steps", type=int, default=12, help="training steps per timed run")
     ap.add_argument("--every", type=int, default=4, help="a save every this many steps")
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions of the three runs (medians are printed)")
     args = ap.parse_args()
     info = init_distributed("cpu")
     cfg = preset(args.preset)
@@ -64,8 +68,10 @@ def main():
             o.zero_grad()
 
     step()  # warm-up: optimizer state exists from here on, so every save holds model + AdamW state
-    walls, stalls, saves = {}, {}, {}
-    for mode in ("none", "sync", "async", "none"):  # the baseline before and after: the better one counts
+    walls, stalls, saves = {}, {}, {}  # mode -> [per round]
+    modes = ["none", "sync", "async"]
+    order = [modes[(r + i) % 3] for r in range(args.rounds) for i in range(3)]  # rotating
+    for mode in order:
         parallel.barrier()
         run_dir = out / mode
         stall, n = 0.0, 0
@@ -79,9 +85,9 @@ def main():
                     stall += time.perf_counter() - s0
                     n += 1
         parallel.barrier()
-        wall = time.perf_counter() - t0
-        walls[mode] = min(wall, walls.get(mode, float("inf")))
-        stalls[mode], saves[mode] = stall, n
+        walls.setdefault(mode, []).append(time.perf_counter() - t0)
+        stalls.setdefault(mode, []).append(stall)
+        saves[mode] = n
     # one gathered save, for comparison
     parallel.barrier()
     t0 = time.perf_counter()
@@ -94,19 +100,21 @@ def main():
     gathered_s = time.perf_counter() - t0
     if parallel.is_main:
         n = sum(p.numel() for p in model.parameters())  # DTensor numel: the global size
-        base = walls["none"] / args.steps
+        med = {m: statistics.median(v) for m, v in walls.items()}
+        base = med["none"] / args.steps
         print(
             f"{args.preset}: {n / 1e6:.0f}M parameters, FSDP over {info.world} processes of "
             f"{torch.get_num_threads()} thread(s); {args.steps} steps of 1 x {args.seq} tokens per rank, "
-            f"a save every {args.every}; baseline {base:.2f} s/step"
+            f"a save every {args.every}; baseline {base:.2f} s/step; medians of {args.rounds} rounds"
         )
         print("| saves | run wall (s) | s/step | cost per save (s) | training blocked in save() per save (s) |")
         print("|---|---|---|---|---|")
-        for mode in ("none", "sync", "async"):
+        for mode in modes:
             k = saves[mode]
-            cost = f"{(walls[mode] - walls['none']) / k:.2f}" if k else ""
-            blocked = f"{stalls[mode] / k:.2f}" if k else ""
-            print(f"| {mode} | {walls[mode]:.1f} | {walls[mode] / args.steps:.2f} | {cost} | {blocked} |")
+            each = ", ".join(f"{w:.1f}" for w in walls[mode])
+            cost = f"{(med[mode] - med['none']) / k:.2f}" if k else ""
+            blocked = f"{statistics.median(stalls[mode]) / k:.2f}" if k else ""
+            print(f"| {mode} | {med[mode]:.1f} ({each}) | {med[mode] / args.steps:.2f} | {cost} | {blocked} |")
         size, listing = _dir_listing(next((out / "async" / "checkpoints").glob("step_*")))
         print(f"sharded checkpoint: {size / 1e6:.0f} MB on disk ({listing})")
         gsize, glisting = _dir_listing(next((out / "gathered" / "checkpoints").glob("step_*")))
