@@ -235,16 +235,16 @@ def bf16_weights_reference(model):
     return model
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral"])
 @pytest.mark.parametrize("kernel", Q.KERNELS["bf16"])
 @torch.no_grad()
 def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
-    """With --quantize bf16 the attention and MLP blocks run in bf16 (bf16 KV cache) and the residual stream in
-    fp32: a prompt, then decode steps through the cache, give the reference's logits (fp32 math on bf16 weights)
-    within bf16 rounding, as fp32 logits, and the same greedy tokens."""
+    """With --quantize bf16 the attention and MLP blocks (experts too) run in bf16 (bf16 KV cache) and the
+    residual stream in fp32: a prompt, then decode steps through the cache, give the reference's logits (fp32
+    math on bf16 weights) within bf16 rounding, as fp32 logits, and the same greedy tokens."""
     if Q.kernel_available(kernel) is not None:
         pytest.skip(f"{kernel} cannot run on this CPU")
-    kw = LLAMA if arch == "llama" else {}
+    kw = {"gpt2": {}, "llama": LLAMA, "mixtral": dict(LLAMA, moe_experts=4, moe_top_k=2)}[arch]
     ref = bf16_weights_reference(tiny_model(**kw))
     model = Q.pack_for_inference(tiny_model(**kw), "bf16", kernel=kernel)
     blocks = [m for m in model.modules() if isinstance(m, (Q.PackedLinear, Q.DenseLinear))]
