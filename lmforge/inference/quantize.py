@@ -20,7 +20,7 @@ the best one this CPU can run:
     transposed    W^T kept as an (in, out) matrix, y = x @ W^T: a matrix-vector product that streams W row by row
     linear        the usual (out, in) layout through F.linear
     mv            the (out, in) layout, one token through torch.addmv (PyTorch's reduced-precision matrix-vector
-                  kernel, which accumulates in fp32 and streams W at close to the read bandwidth), more through F.linear
+                  kernel, which accumulates in fp32; every CPU runs it), more tokens through F.linear
 
 Choosing a kernel (`choose_kernel`), in two steps:
   1. which can run: a kernel is available when a trial on a tiny layer runs and agrees with
