@@ -55,9 +55,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
             return _RMSNormFP32.apply(x, self.weight, self.eps)
-        # Other dtypes: normalise in fp32 and round to x's dtype before the weight, as Llama does.
+        # Other dtypes (and under torch.compile, which fuses this itself): normalise in fp32 and round to x's
+        # dtype before the weight, as Llama does.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -148,6 +149,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     in the half-split layout Llama uses). cos, sin: (T, head_dim/2), or (B, T, head_dim/2) for per-row positions."""
     if cos.dim() == 3:  # per-sequence positions (B, T, D/2) -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
+    if torch.compiler.is_compiling():  # the plain formula: the compiler fuses it (it cannot trace out= into views)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return _Rope.apply(x, cos, sin)
 
 
