@@ -26,6 +26,7 @@ import torch
 
 from ..config import Config, ModelConfig, round_up
 from ..errors import LmforgeError
+from .checkpoint import tied_aliases
 
 FP32 = 4  # bytes: master weights, gradients and optimizer state stay fp32 under autocast
 
@@ -91,7 +92,7 @@ class Sizing:
     tokens_per_step: int | None  # all ranks together (None: depends on the data, seq2seq)
     accum: int | None  # micro-batches per optimizer step
     checkpoint_full: int  # one process / DDP: model.safetensors + trainer_state.pt
-    checkpoint_sharded: int  # FSDP (DCP): all shard files together (a tied weight under each of its names)
+    checkpoint_sharded: int  # FSDP (DCP): all shard files together (a tied weight once)
     checkpoint_shard: int  # FSDP: one rank's shard file (rank 0's)
     model_line: str = ""
     notes: list[str] = field(default_factory=list)
@@ -139,8 +140,9 @@ def size_run(cfg: Config, env: DistEnv, device: torch.device, precision: str, vo
         micro, tokens_per_step, accum, activations = tc.batch_size, None, None, None
         notes.append("seq2seq: tokens per step, accumulation and activations depend on the pairs (not read here)")
 
-    # DCP writes the model's state dict as it is: a tied weight once under each of its names
-    named = model.state_dict().values()
+    # a sharded checkpoint stores each tensor once: a tied weight under its first name only
+    aliases = tied_aliases(model)
+    named = [t for k, t in model.state_dict().items() if k not in aliases]
     sharded_numel = sum(t.numel() for t in named)
     shard_numel = sum(_shard_numel(t, world) for t in named) if sharded else 0
     grads = per_rank * FP32 * (2 if parallel == "ddp" else 1)
