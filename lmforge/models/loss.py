@@ -19,8 +19,8 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
     Same value and gradient as F.cross_entropy(..., reduction="sum", ignore_index=IGNORE), with less memory
     traffic over the (N, V) logits, which at a small model's size is a large share of a step: forward runs
-    one fused log-softmax (N, V) and keeps it (the logits themselves are then free to go), and backward writes
-    the gradient softmax(logits) - target distribution = exp(log-softmax) - target straight into one buffer,
+    one fused log-softmax (N, V) and keeps it (the logits themselves are then free to go), and backward turns
+    it in place into the gradient softmax(logits) - target distribution = exp(log-softmax) - target,
     instead of building a dense one-hot gradient for the NLL and then a second buffer for the log-softmax
     backward. (A separate log-sum-exp costs four passes over the logits on a CPU: max, subtract, exp, sum.)
     With label smoothing e the target distribution is (1 - e) one-hot + e / V (as in F.cross_entropy), and
@@ -42,7 +42,10 @@ class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logp, safe, keep = ctx.saved_tensors
-        grad = torch.exp(logp)  # softmax (N, V): the one buffer we write (logp stays intact for a second backward)
+        # softmax (N, V), written over the saved log-softmax: no new (N, V) buffer (on a CPU a fresh one costs
+        # page faults every step). A second backward through this loss then fails loudly (autograd sees the
+        # saved tensor modified) instead of computing a wrong gradient; training never takes one.
+        grad = logp.exp_()
         if ctx.smoothing:
             grad.sub_(ctx.smoothing / logp.shape[-1])
         grad[torch.arange(len(safe), device=safe.device), safe] -= 1 - ctx.smoothing
