@@ -1,7 +1,7 @@
 """Recipe ablation at equal wall-clock time: which modern changes make a `tiny` model better per CPU-second?
 
     flock /tmp/lmforge-cpu.lock python benchmarks/recipe_ablation.py --seconds 90 --corpus stdlib \\
-        --only textbook,rope,rmsnorm,relu2,swiglu,qknorm,untied,softcap,zeroinit,nobias,muon,wsd
+        --only textbook,rope,rmsnorm,relu2,swiglu,qknorm,untied,softcap,zeroinit,nobias,valueres,muon,wsd
     python benchmarks/recipe_ablation.py --table            # print the table of everything measured so far
     python benchmarks/recipe_ablation.py --table --write    # ... and append it to benchmarks/RESULTS.md
 
@@ -62,6 +62,10 @@ CHANGES = {
     "softcap": ("logit softcap 15", {"model": {"logit_softcap": 15.0}}),
     "zeroinit": ("zero-initialised output projections", {"model": {"zero_init_proj": True}}),
     "nobias": ("no biases in linear layers", {"model": {"bias": False}}),
+    "valueres": (
+        "value residual (first layer's values mixed in, learned per layer)",
+        {"model": {"value_residual": True}},
+    ),
     "muon": ("Muon (lr 0.02) for hidden matrices", {"train": {"optimizer": "muon"}}),
     "wsd": ("warmup-stable-decay schedule (decay 30 %)", {"train": {"schedule": "wsd"}}),
     "wsd0": ("WSD decaying to 0", {"train": {"schedule": "wsd", "min_lr_ratio": 0.0}}),

@@ -51,6 +51,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     zero_init_proj: bool = False  # attention/MLP output projections start at 0: blocks start as identity
+    value_residual: bool = False  # layers after the first mix the first layer's attention values into their own
     # Mixture of Experts (models/moe.py): moe_experts > 0 replaces feed-forward layers by routed experts.
     moe_experts: int = 0  # routed experts per MoE layer; 0 = dense model
     moe_top_k: int = 2  # experts each token is sent to
@@ -109,14 +110,18 @@ class ModelConfig:
         need(self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        need(
+            not self.value_residual or self.n_layer >= 2,
+            "value_residual needs n_layer >= 2 (it mixes the first layer's values into the later layers')",
+        )
         need(self.block_size <= MAX_POSITIONS, f"block_size {self.block_size:,} is beyond {MAX_POSITIONS:,} positions")
         self._validate_moe(need)
         _check_footprint(need, self.param_estimate())
 
     def param_estimate(self) -> int:
-        """Parameters of the model this config describes, in closed form (norms and biases left out), without
-        building anything: embeddings (+ an untied head, + learned positions) and n_layer blocks of attention and
-        feed-forward (or routed experts with their router)."""
+        """Parameters of the model this config describes, in closed form (norms, biases and value-residual scalars
+        left out), without building anything: embeddings (+ an untied head, + learned positions) and n_layer blocks
+        of attention and feed-forward (or routed experts with their router)."""
         d, L = self.d_model, self.n_layer
         attn = d * (self.n_head + 2 * self.kv_heads) * self.head_dim + self.n_head * self.head_dim * d
         mats = 3 if self.mlp in ("swiglu", "geglu") else 2  # gated MLPs have a third matrix

@@ -45,6 +45,10 @@ COMBOS = {
     "moe-window-geglu-top3": dict(
         pos="rope", sliding_window=6, mlp="geglu", moe_experts=5, moe_top_k=3, moe_z_loss_coef=0.0
     ),
+    "valueres-llama-window": dict(
+        norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, bias=False, sliding_window=6, value_residual=True
+    ),
+    "valueres-gpt2-dropout": dict(value_residual=True, dropout=0.1),
 }
 
 

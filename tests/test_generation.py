@@ -21,6 +21,8 @@ CONFIGS = {
     "window": dict(sliding_window=5),  # shorter than the sequences: the cache is a ring buffer
     "rope-window-softcap": dict(pos="rope", sliding_window=7, attn_softcap=20.0),
     "sinusoidal": dict(pos="sinusoidal"),
+    "valueres-gqa": dict(pos="rope", n_kv_head=2, value_residual=True),
+    "valueres-window": dict(sliding_window=5, value_residual=True),  # a ring of mixed values
 }
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15, 16, 17, 18], [20, 21]]
 
@@ -61,7 +63,7 @@ def test_left_padded_and_ragged_cache_match_full_forward(name):
         torch.testing.assert_close(ragged[b, :13], ref[b][:13], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "window"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "window", "valueres-gqa"])
 def test_batched_generation_equals_one_by_one(name):
     model = tiny_model(**CONFIGS[name])
     one = [list(generate_tokens(model, p, 20, temperature=0.0, ignore_eos=True)) for p in PROMPTS]
@@ -237,8 +239,9 @@ def test_cancel_frees_the_row_and_bad_requests_are_refused():
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager():
-    model = tiny_model()
+@pytest.mark.parametrize("name", ["gpt2", "valueres-gqa"])
+def test_compiled_decode_step_matches_eager(name):
+    model = tiny_model(**CONFIGS[name])
     eager = generate_batch(model, None, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
     compiled = generate_batch(
         model,

@@ -217,6 +217,7 @@ def test_cli_convert_to_and_from_gguf(tiny_run, tmp_path, capsys):
         (dict(LLAMA, moe_experts=4, moe_shared_expert=True), "moe_shared_expert"),
         (dict(LLAMA, rope_scaling={"type": "ntk", "factor": 2.0}), "rope scaling 'ntk'"),
         (dict(norm="rmsnorm"), "norm=rmsnorm, pos=learned"),
+        (dict(LLAMA, value_residual=True), "value_residual"),
     ],
 )
 def test_unsupported_models_leave_no_file(fields, message, tmp_path, small_tokenizer, capsys):

@@ -202,16 +202,18 @@ def test_unsupported_models_give_clear_errors(tmp_path, small_tokenizer, capsys)
     assert code == 1 and "not found" in err
 
 
-def test_export_rejects_options_hf_cannot_express(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["qk_norm", "value_residual"])
+def test_export_rejects_options_hf_cannot_express(option, tiny_run, tmp_path, capsys):
     cfg = json.loads((tiny_run / "config.json").read_text())
-    cfg["model"]["qk_norm"] = True
-    run = tmp_path / "qk"
+    cfg["model"][option] = True
+    run = tmp_path / option
     run.mkdir()
     (run / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "model.safetensors"):
         (run / f).write_bytes((tiny_run / f).read_bytes())
     code, _, err = run_cli(capsys, "convert", "--to-hf", run, "--out", tmp_path / "hf")
-    assert code == 1 and "unsupported qk_norm" in err
+    assert code == 1 and f"unsupported {option}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
 
 
 def test_cli_convert_round_trip(tiny_run, tmp_path, capsys):

@@ -1,14 +1,17 @@
+import pytest
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 from lmforge.inference.engine import generate_tokens
 from lmforge.inference.sampling import sample_next_token
 from lmforge.models import build_model
+from lmforge.models.layers import rope_cos_sin
 
 
 def tiny_model(**kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, d_model=32, **kw)
+    cfg = ModelConfig(**{**dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, d_model=32), **kw})
     return build_model(cfg).eval()
 
 
@@ -66,7 +69,7 @@ def test_zero_init_projections_make_blocks_start_as_identity():
         assert not block.attn.proj.weight.any() and not block.mlp.down.weight.any()
         assert block.attn.qkv.weight.std() > 0.01  # the rest keeps its normal init
     x = torch.randn(2, 9, 32)
-    assert torch.equal(model.blocks[0](x), x)
+    assert torch.equal(model.blocks[0](x)[0], x)
 
 
 def test_cross_entropy_matches_torch_with_smoothing_and_ignored_targets():
@@ -102,3 +105,77 @@ def test_sampling_filters():
     a = [int(sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))) for _ in range(5)]
     b = [int(sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))) for _ in range(5)]
     assert a == b
+
+
+# --- value residual (Zhou et al. 2024, ResFormer) --------------------------------------------------
+
+
+def _lambdas(model):
+    return [b.attn.value_lambda for b in model.blocks if b.attn.value_lambda is not None]
+
+
+def test_value_residual_is_off_by_default_and_needs_two_layers():
+    assert not ModelConfig().value_residual and not _lambdas(tiny_model())
+    model = tiny_model(value_residual=True, n_layer=3)
+    assert [p.item() for p in _lambdas(model)] == [0.5, 0.5]  # layers 2 and 3; the first has none
+    with pytest.raises(LmforgeError, match="value_residual needs n_layer >= 2"):
+        ModelConfig(n_layer=1, value_residual=True).validate()
+
+
+@torch.no_grad()
+def test_value_residual_mixes_the_first_layers_values():
+    """lambda = 1 is the plain model, bit for bit; an attention layer's output is affine in lambda (attention is
+    linear in its values), and at lambda = 0 the layer's own values no longer matter."""
+    plain, vres = tiny_model(pos="rope", n_kv_head=2), tiny_model(pos="rope", n_kv_head=2, value_residual=True)
+    missing = vres.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["blocks.1.attn.value_lambda"]
+    x = torch.randint(0, 97, (2, 40))
+    vres.blocks[1].attn.value_lambda.fill_(1.0)
+    assert torch.equal(vres(x), plain(x))
+
+    attn = vres.blocks[1].attn
+    h, v1 = torch.randn(2, 40, 32), torch.randn(2, 2, 40, 8)  # (B, T, d_model), (B, n_kv_head, T, head_dim)
+    rope = rope_cos_sin(vres.inv_freq, torch.arange(40), torch.float32)
+
+    def out(lam):
+        attn.value_lambda.fill_(lam)
+        y, passed_on = attn(h, rope, v_first=v1)
+        assert passed_on is v1
+        return y
+
+    torch.testing.assert_close(out(0.3), 0.3 * out(1.0) + 0.7 * out(0.0), atol=1e-5, rtol=0)
+    assert not torch.allclose(out(0.3), out(1.0))
+    before = out(0.0)
+    attn.qkv.weight[-16:] += 1.0  # the value rows of the fused projection (n_kv_head 2 x head_dim 8)
+    torch.testing.assert_close(out(0.0), before, atol=0, rtol=0)
+
+
+def test_value_residual_trains_its_lambdas():
+    model = tiny_model(value_residual=True, n_layer=3).train()
+    x = torch.randint(0, 97, (2, 40))
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert all(p.grad is not None and p.grad.abs().item() > 0 for p in _lambdas(model))
+    model.activation_checkpointing = True  # v_1 passes through the checkpointed blocks: the same gradients
+    grads = [p.grad.clone() for p in _lambdas(model)]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    for p, g in zip(_lambdas(model), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_value_residual_cached_forward_equals_full():
+    model = tiny_model(value_residual=True, n_layer=3, pos="rope", n_kv_head=2)
+    with torch.no_grad():
+        for p in _lambdas(model):
+            p.uniform_(-0.5, 1.5)  # away from the initial 0.5, as after training
+    x = torch.randint(0, 97, (3, 30))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(3, 48)
+        parts = (
+            [model(x[:, :11], cache)]
+            + [model(x[:, t : t + 1], cache) for t in range(11, 25)]
+            + [model(x[:, 25:], cache)]
+        )
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    assert not torch.allclose(full, tiny_model(n_layer=3, pos="rope", n_kv_head=2)(x))

@@ -63,14 +63,16 @@ def test_every_option_has_kernels():
     assert set(TOLERANCE) == {k for ks in Q.KERNELS.values() for k in ks}
 
 
+@pytest.mark.parametrize("arch", [{}, dict(value_residual=True)], ids=["gpt2", "valueres"])
 @pytest.mark.parametrize("kernel", list(TOLERANCE))
 @torch.no_grad()
-def test_each_kernel_equals_fp32(kernel, monkeypatch):
+def test_each_kernel_equals_fp32(kernel, arch, monkeypatch):
     """Forced onto the toy model (fp32 layouts normally skip layers this small), every kernel this CPU
-    runs matches nn.Linear; one it cannot run is refused in one line, never run."""
+    runs matches nn.Linear; one it cannot run is refused in one line, never run. Value residual's mixing
+    is outside the swapped layers: every kernel runs it."""
     quantize = next(q for q, ks in Q.KERNELS.items() if kernel in ks)
     monkeypatch.setattr(Q, "PACK_MIN_WEIGHTS", 0)
-    ref_model, model = tiny_model(), tiny_model()
+    ref_model, model = tiny_model(**arch), tiny_model(**arch)
     why = Q.kernel_available(kernel)
     if why is not None:  # e.g. bf16-onednn on an AVX2-only CPU
         with pytest.raises(LmforgeError, match="cannot run on this CPU") as e:

@@ -97,7 +97,18 @@ def _saved_bytes(mc: ModelConfig, batch: int, precision: str, checkpointing: boo
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("arch", [{}, LLAMA, dict(LLAMA, n_kv_head=None), dict(mlp="geglu")], ids=str)
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {},
+        LLAMA,
+        dict(LLAMA, n_kv_head=None),
+        dict(mlp="geglu"),
+        dict(value_residual=True),
+        dict(LLAMA, value_residual=True),
+    ],
+    ids=str,
+)
 def test_activation_formula_counts_what_the_forward_saves(arch, precision):
     mc = ModelConfig(vocab_size=320, block_size=32, n_layer=3, n_head=4, d_model=48, **arch)
     estimate = activation_bytes(mc, 2, 32, precision, peak=False) + autocast_copy_bytes(build_model(mc), precision)
@@ -108,6 +119,8 @@ def test_activation_formula_counts_what_the_forward_saves(arch, precision):
 def test_activation_formula_with_checkpointing_and_moe():
     mc = ModelConfig(vocab_size=320, block_size=32, n_layer=3, n_head=4, d_model=48)
     assert abs(activation_bytes(mc, 2, 32, "fp32", True, peak=False) - _saved_bytes(mc, 2, "fp32", True)) <= 512
+    vres = dataclasses.replace(mc, value_residual=True)  # v_1 is an input of every later checkpointed layer
+    assert abs(activation_bytes(vres, 2, 32, "fp32", True, peak=False) - _saved_bytes(vres, 2, "fp32", True)) <= 512
     moe = dataclasses.replace(mc, moe_experts=4, moe_top_k=2)  # dispatch buffers: an estimate
     assert abs(activation_bytes(moe, 2, 32, "fp32", peak=False) / _saved_bytes(moe, 2, "fp32") - 1) < 0.06
     # the peak adds the logits' gradient under autocast (in fp32 it overwrites the saved log-softmax: nothing new)

@@ -98,6 +98,27 @@ def test_muon_batches_same_shaped_matrices_like_one_at_a_time():
         torch.testing.assert_close(w.detach(), a.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_value_residual_lambdas_go_to_adamw_not_muon():
+    """Muon orthogonalises 2-D hidden matrices; the per-layer value-residual scalars are AdamW's (no decay)."""
+    from lmforge.train.optim import build_optimizers, split_parameters
+
+    cfg = small_config(optimizer="muon")
+    cfg.model.value_residual = True
+    model = build_model(cfg.model)
+    lambdas = [b.attn.value_lambda for b in model.blocks[1:]]
+    groups = split_parameters(model)
+    assert all(any(p is lam for p in groups["other"]) for lam in lambdas)
+    muon, adam = build_optimizers(model, cfg.train, torch.device("cpu"))
+    assert not any(p is lam for g in muon.param_groups for p in g["params"] for lam in lambdas)
+    (group,) = [g for g in adam.param_groups if any(p is lambdas[0] for p in g["params"])]
+    assert group["weight_decay"] == 0.0
+    model(torch.randint(0, 64, (2, 16))).square().mean().backward()
+    before = [lam.item() for lam in lambdas]
+    muon.step()
+    adam.step()
+    assert all(lam.item() != b for lam, b in zip(lambdas, before))
+
+
 def test_training_with_muon_learns(tmp_path, corpus_dir):
     res = train(
         small_config(optimizer="muon", max_steps=60, eval_interval=1000),

@@ -93,6 +93,8 @@ def gguf_architecture(cfg: ModelConfig) -> str:
         problems.append("qk_norm (llama.cpp's gpt2/llama graphs have no QK-norm)")
     if cfg.attn_softcap or cfg.logit_softcap:
         problems.append("softcapping (no field for it in gpt2/llama GGUF files)")
+    if cfg.value_residual:
+        problems.append("value_residual (llama.cpp's gpt2/llama graphs have no value residual)")
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size - 1:
         problems.append(f"sliding_window={cfg.sliding_window} (gpt2/llama GGUF files have no attention window)")
     gpt2_like = cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp in ("gelu", "gelu_tanh")

@@ -269,6 +269,8 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         problems.append("sliding_window")
     if cfg.attn_softcap or cfg.logit_softcap:
         problems.append("softcapping")
+    if cfg.value_residual:
+        problems.append("value_residual (no Hugging Face architecture mixes the first layer's values into the others)")
     if not (gpt2_like or llama_like):
         problems.append(
             f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias} (GPT-2 needs layernorm/learned/gelu/bias; "

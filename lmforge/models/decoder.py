@@ -2,7 +2,8 @@
 
 One code path, chosen by `ModelConfig`: GPT-2 (learned positions, LayerNorm, GELU, tied
 head) by default; Llama-style with pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head < n_head;
-Mixtral-style with moe_experts > 0 (feed-forward layers replaced by routed experts, models/moe.py).
+Mixtral-style with moe_experts > 0 (feed-forward layers replaced by routed experts, models/moe.py);
+value_residual mixes the first layer's attention values into every later layer's (layers.Attention).
 
     tokens (B, T)
       -> token embedding (+ learned or sinusoidal positions)   (B, T, d_model)
@@ -42,13 +43,16 @@ class Block(nn.Module):
         self.mlp = moe.MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, mask=None):
+    def forward(self, x, rope=None, cache=None, mask=None, v_first=None):
+        """x (B, T, d_model) -> (x, v_first): v_first, the first layer's attention values, passes on to the next
+        block (value residual, layers.Attention; None without it)."""
+        a, v_first = self.attn(self.norm1(x), rope, cache, mask, v_first)
         if not self.training:  # dropout is the identity: skip its calls (they are a visible share of a decode step)
-            x = x + self.attn(self.norm1(x), rope, cache, mask)
-            return x + self.mlp(self.norm2(x))
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
+            x = x + a
+            return x + self.mlp(self.norm2(x)), v_first
+        x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.norm2(x)))
-        return x
+        return x, v_first
 
 
 class DecoderLM(nn.Module):
@@ -145,11 +149,12 @@ class DecoderLM(nn.Module):
             x = x + self.pos_table[positions].to(x.dtype)
         x = self.drop(x)
         rope = rope_cos_sin(self.inv_freq, positions, x.dtype) if cfg.pos == "rope" else None
+        v_first = None  # value residual: the first layer's values (B, n_kv_head, T, head_dim), for the later layers
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
+                x, v_first = checkpoint(block, x, rope, None, mask, v_first, use_reentrant=False)
             else:
-                x = block(x, rope, cache, mask)
+                x, v_first = block(x, rope, cache, mask, v_first)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -182,7 +182,18 @@ def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Ten
 
 
 class Attention(nn.Module):
-    """Causal self-attention with one fused QKV projection, GQA, optional RoPE, QK-norm, window and softcap."""
+    """Causal self-attention with one fused QKV projection, GQA, optional RoPE, QK-norm, window and softcap.
+
+    Value residual (cfg.value_residual; Zhou et al. 2024, "Value Residual Learning For Alleviating Attention
+    Concentration In Transformers", arXiv:2410.17897, the ResFormer): every layer after the first attends over
+    values mixed with the first layer's, v_l <- lambda_l v_l + (1 - lambda_l) v_1, elementwise on
+    (B, n_kv_head, T, head_dim).
+    lambda_l is one learnable scalar per layer, initialised at 0.5, as in the modded-nanogpt speedrun: training
+    starts from the paper's main setting (equal weights) and each layer may then learn how much of v_1 it wants,
+    at the cost of one parameter per layer. The first layer has no lambda: it hands its own values on. With a
+    cache, each layer stores the values it attended over (the mixed ones), so past positions are never mixed
+    twice, and the new tokens' v_1 comes from the first layer in the same forward.
+    """
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -195,9 +206,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.value_residual = cfg.value_residual
+        self.value_lambda = nn.Parameter(torch.full((1,), 0.5)) if cfg.value_residual and layer_idx > 0 else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask: torch.Tensor | None = None):
-        """x (B, T, d_model) -> (B, T, d_model). mask: (B, 1, T, T) from segment_mask for packed rows (no cache)."""
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask: torch.Tensor | None = None, v_first=None):
+        """x (B, T, d_model) -> (out (B, T, d_model), v_first). mask: (B, 1, T, T) from segment_mask for packed
+        rows (no cache). v_first: the first layer's values (B, n_kv_head, T, head_dim) with value residual, which
+        the first layer returns and the later ones take and return unchanged; None without value residual."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -209,6 +224,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.value_lambda is not None:  # lerp(v_1, v, lambda) = lambda v + (1 - lambda) v_1
+            v = torch.lerp(v_first, v, self.value_lambda.to(v.dtype))
+        elif self.value_residual:  # the first layer: its values are v_1 of every later layer
+            v_first = v
 
         if cache is None:
             if mask is None:
@@ -224,7 +243,7 @@ class Attention(nn.Module):
 
         y = self._attend(q, keys, values, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.proj(y)
+        return self.proj(y), v_first
 
     def _attend(self, q, k, v, mask, is_causal: bool):
         dropout = self.dropout if self.training else 0.0

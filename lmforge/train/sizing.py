@@ -239,14 +239,17 @@ def activation_bytes(
                    per projection), a (d + 4 f) in fp32
         MoE        k x that MLP at the expert width + (r + a) k d (dispatched inputs, weighted outputs)
                    + 8 E (router logits and probabilities, fp32), + one MLP for a shared expert
+        value      (value_residual) every layer keeps its QKV output (the mixing saves v and v_1, views of it),
+        residual   and the mixed v of the later layers reaches attention as a new tensor
 
     once per token: the final norm, the head's input (a d), the fp32 log-softmax kept by the loss (4 V),
     token ids and targets (17 bytes); with RoPE, the cos and sin tables (4 hd per position); and at the
     start of the backward (peak=True; peak=False counts what the forward saves), under autocast the logits'
     gradient in 16 bits (a V; the fp32 gradient overwrites the saved log-softmax) and, with activation
-    checkpointing (where a layer keeps only its input, r d), the one layer being recomputed. Checked
-    against the tensors real forward passes save, in tests/test_sizing.py. Approximated (see
-    `_approximations`): QK-norm, attention softcap; not counted: dropout masks. Autocast's copies of the
+    checkpointing (where a layer keeps only its input, r d, and with value residual the first layer's QKV
+    output, v_1's storage), the one layer being recomputed. Checked against the tensors real forward
+    passes save, in tests/test_sizing.py. Approximated (see `_approximations`): QK-norm, attention softcap;
+    not counted: dropout masks. Autocast's copies of the
     weights are not activations: see `autocast_copy_bytes`.
     """
     a = 2 if precision in ("bf16", "fp16") else 4
@@ -254,12 +257,18 @@ def activation_bytes(
     d, h, kv, hd = mc.d_model, mc.n_head, mc.kv_heads, mc.head_dim
     norm = (r * d + 4) if mc.norm == "rmsnorm" else (r * d + 8)
     rope, grouped = mc.pos == "rope", kv < h
-    new = (rope, rope or grouped, grouped)  # q, k, v: a new tensor (not a view of the QKV output) at attention
-    attn = a * 2 * d + 4 * h + a * h * hd * sum(new) + (a * (h + 2 * kv) * hd if not all(new) else 0)
+    qkv_out = a * (h + 2 * kv) * hd
+
+    def attention(mixed: bool) -> int:  # mixed: values mixed with v_1 (value residual, layers after the first)
+        new = (rope, rope or grouped, grouped or mixed)  # q, k, v: a new tensor (not a view of the QKV output)
+        kept = mc.value_residual or not all(new)  # the QKV output itself stays (a view of it is saved)
+        return a * 2 * d + 4 * h + a * h * hd * sum(new) + (qkv_out if kept else 0)
+
+    extra = 0
     if mc.qk_norm:  # approximation: both norms' fp32 inputs and outputs
-        attn += (r + 2 * a) * (h + kv) * hd
+        extra += (r + 2 * a) * (h + kv) * hd
     if mc.attn_softcap is not None:  # approximation: the explicit (T x T) scores, a few fp32 copies
-        attn += 3 * 4 * h * seq_len
+        extra += 3 * 4 * h * seq_len
     gated = mc.mlp in ("swiglu", "geglu")
 
     def mlp(width: int) -> int:
@@ -270,12 +279,15 @@ def activation_bytes(
     if mc.moe_experts:
         k, e = mc.moe_top_k, mc.moe_experts
         moe = k * mlp(mc.expert_dim) + (r + a) * k * d + 8 * e + (mlp(mc.expert_dim) if mc.moe_shared_expert else 0)
-    layers = [2 * norm + attn + (moe if mc.is_moe_layer(i) else dense) for i in range(mc.n_layer)]
+    layers = [
+        2 * norm + attention(mc.value_residual and i > 0) + extra + (moe if mc.is_moe_layer(i) else dense)
+        for i in range(mc.n_layer)
+    ]
     head = norm + a * d + 4 * mc.vocab_size + 17
     if peak and a < 4:
         head += a * mc.vocab_size
     if checkpointing:
-        per_token = mc.n_layer * r * d + (max(layers) if peak else 0) + head
+        per_token = mc.n_layer * r * d + (qkv_out if mc.value_residual else 0) + (max(layers) if peak else 0) + head
     else:
         per_token = sum(layers) + head
     tables = 2 * seq_len * (hd // 2) * 4 if rope else 0
