@@ -5,8 +5,9 @@
 
 The step is the one `lmforge bench train` times (forward, loss, backward, clipping, optimizer step) on
 random tokens. Self CPU time of every operator is summed into: matmul (mm/addmm/bmm and the linear
-layers' backward), attention (the SDPA kernels), loss (log-softmax / cross-entropy over the vocabulary),
-norms, activations, optimizer (AdamW / Muon / clipping), embedding, and the rest (copies, views, adds).
+layers' backward, Muon's Newton-Schulz), attention (the SDPA kernels), loss (log-softmax / cross-entropy
+over the vocabulary), norms, activations, optimizer (AdamW / Muon / clipping), embedding, and the rest
+(copies, views, adds, RoPE's multiplies). Operators are grouped by name, so the shares are approximate.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from lmforge.train.precision import autocast_for
 
 KINDS = [  # (kind, substrings of operator names), first match wins
     ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int")),
+    (
+        "matmul",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::_weight_int"),
+    ),
     (
         "loss",
         (
@@ -42,7 +46,7 @@ KINDS = [  # (kind, substrings of operator names), first match wins
     ),
     ("norm", ("layer_norm", "rms_norm", "rsqrt", "aten::pow", "aten::mean", "aten::norm")),
     ("activation", ("gelu", "relu", "silu", "tanh", "threshold_backward", "aten::square")),
-    ("optimizer", ("adam", "_foreach", "Optimizer", "newton", "lerp", "addcdiv", "addcmul", "sqrt", "clip")),
+    ("optimizer", ("adam", "_foreach", "Optimizer", "newton", "lerp", "addcdiv", "sqrt", "clip")),
     ("embedding", ("embedding",)),
 ]
 

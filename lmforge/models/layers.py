@@ -13,6 +13,39 @@ from .kv_cache import KVCache, window_mask
 # --- normalisation --------------------------------------------------------------------------------
 
 
+class _RMSNormFP32(torch.autograd.Function):
+    """weight * x * rsqrt(mean(x^2) + eps) over the last dim of an fp32 x (..., d), with a hand-written backward.
+
+    On a CPU, F.rms_norm is a chain of separate kernels (square, mean, add, rsqrt, multiply) and autograd
+    differentiates each: a dozen passes over x per norm. Here the forward is one norm reduction and two
+    multiplies, and the backward, with x^ = x * r (r = rsqrt(mean(x^2) + eps), per row) and g the output's
+    gradient, is (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization"):
+        dweight = sum over rows of g * x^
+        dx      = r * (g * weight - x^ * mean(g * weight * x^))
+    where mean(g * weight * x^) = (g * x^) @ weight / d reuses the product that dweight needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        d = x.shape[-1]
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d)  # mean(x^2), (..., 1)
+        r = ms.add_(eps).rsqrt_()
+        normed = x * r
+        ctx.save_for_backward(normed, r, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        normed, r, weight = ctx.saved_tensors
+        gn = g * normed  # (..., d)
+        dweight = gn.reshape(-1, gn.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            m = (gn @ weight).unsqueeze(-1).div_(g.shape[-1])  # mean(g * weight * x^), (..., 1)
+            dx = (g * weight).sub_(normed * m).mul_(r)
+        return dx, dweight, None
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (as Llama does) and cast back."""
 
@@ -22,7 +55,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel (instead of five passes over x).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return _RMSNormFP32.apply(x, self.weight, self.eps)
+        # Other dtypes (and under torch.compile, which fuses this itself): normalise in fp32 and round to x's
+        # dtype before the weight, as Llama does.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -72,19 +108,52 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions (T,) or (B, T): shape (..., T, head_dim), halves repeated."""
+    """cos and sin of the position angles for positions (T,) or (B, T): shape (..., T, head_dim / 2) each.
+
+    Computed once per forward and shared by every layer (they are small: T x head_dim / 2)."""
     freqs = positions.float()[..., None] * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Rotate the pairs (x1, x2) = (x[..., i], x[..., i + head_dim/2]) by the angles: (x1 c - x2 s, x2 c + x1 s),
+    or by minus the angles if inverse. Writes the halves of one new tensor: no concatenation, no negated copy."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x, dtype=torch.result_type(x, cos))
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    torch.mul(x2, cos, out=o2)
+    o1.addcmul_(x2, sin, value=1 if inverse else -1)
+    o2.addcmul_(x1, sin, value=-1 if inverse else 1)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """Rotary position embedding as one function: the gradient of a rotation is the inverse rotation."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, sin, inverse=True).to(ctx.x_dtype), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2) of x (B, H, T, head_dim) by the position angles."""
-    if cos.dim() == 3:  # per-sequence positions (B, T, D) -> broadcast over heads
+    """Rotate pairs (i, i + head_dim/2) of x (B, H, T, head_dim) by the position angles (RoFormer, Su et al. 2021,
+    in the half-split layout Llama uses). cos, sin: (T, head_dim/2), or (B, T, head_dim/2) for per-row positions."""
+    if cos.dim() == 3:  # per-sequence positions (B, T, D/2) -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    if torch.compiler.is_compiling():  # the plain formula: the compiler fuses it (it cannot trace out= into views)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return _Rope.apply(x, cos, sin)
 
 
 # --- packed sequences -----------------------------------------------------------------------------

@@ -18,31 +18,36 @@ class _SummedCrossEntropy(torch.autograd.Function):
     """Sum over rows of the cross-entropy of logits (N, V) against targets (N,); rows whose target is IGNORE add 0.
 
     Same value and gradient as F.cross_entropy(..., reduction="sum", ignore_index=IGNORE), with less memory
-    traffic over the (N, V) logits, which at a small model's size is a large share of a step: forward keeps
-    the logits and their log-sum-exp (N,) instead of a log-softmax copy, and backward writes the gradient
-    softmax(logits) - target distribution straight into one buffer, instead of building a dense one-hot
-    gradient for the NLL and then a second buffer for the log-softmax backward.
-    With label smoothing e the target distribution is (1 - e) one-hot + e / V (as in F.cross_entropy).
+    traffic over the (N, V) logits, which at a small model's size is a large share of a step: forward runs
+    one fused log-softmax (N, V) and keeps it (the logits themselves are then free to go), and backward turns
+    it in place into the gradient softmax(logits) - target distribution = exp(log-softmax) - target,
+    instead of building a dense one-hot gradient for the NLL and then a second buffer for the log-softmax
+    backward. (A separate log-sum-exp costs four passes over the logits on a CPU: max, subtract, exp, sum.)
+    With label smoothing e the target distribution is (1 - e) one-hot + e / V (as in F.cross_entropy), and
+    its cross-entropy is (1 - e) (-log p(target)) + e (-mean over the vocabulary of log p).
     """
 
     @staticmethod
     def forward(ctx, logits, targets, smoothing: float):
         keep = targets != IGNORE  # (N,)
         safe = targets.masked_fill(~keep, 0)
-        lse = torch.logsumexp(logits, dim=-1)  # (N,)
-        per_token = lse - logits.gather(1, safe[:, None]).squeeze(1)  # -log p(target)
+        logp = torch.log_softmax(logits, dim=-1)  # (N, V)
+        per_token = -logp.gather(1, safe[:, None]).squeeze(1)  # -log p(target)
         if smoothing:
-            per_token = (1 - smoothing) * per_token + smoothing * (lse - logits.mean(dim=-1))
-        ctx.save_for_backward(logits, safe, keep, lse)
+            per_token = (1 - smoothing) * per_token - smoothing * logp.mean(dim=-1)
+        ctx.save_for_backward(logp, safe, keep)
         ctx.smoothing = smoothing
         return (per_token * keep).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, safe, keep, lse = ctx.saved_tensors
-        grad = torch.sub(logits, lse[:, None]).exp_()  # softmax (N, V): the one buffer we write
+        logp, safe, keep = ctx.saved_tensors
+        # softmax (N, V), written over the saved log-softmax: no new (N, V) buffer (on a CPU a fresh one costs
+        # page faults every step). A second backward through this loss then fails loudly (autograd sees the
+        # saved tensor modified) instead of computing a wrong gradient; training never takes one.
+        grad = logp.exp_()
         if ctx.smoothing:
-            grad.sub_(ctx.smoothing / logits.shape[-1])
+            grad.sub_(ctx.smoothing / logp.shape[-1])
         grad[torch.arange(len(safe), device=safe.device), safe] -= 1 - ctx.smoothing
         grad.mul_((keep * grad_out)[:, None])  # ignored rows get no gradient
         return grad, None, None

@@ -24,15 +24,20 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
+    single = x.dim() == 2
+    if single:
+        x = x[None]
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    for _ in range(steps):  # x <- a x + (b G + c G G) x with G = x x^T; the scalings ride on the matmuls
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     if transposed:
         x = x.mT
+    if single:
+        x = x[0]
     return x.to(g.dtype)
 
 

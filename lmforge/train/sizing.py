@@ -230,7 +230,7 @@ def activation_bytes(
     Per token and layer, with d = d_model, f = the feed-forward width, h and kv heads of size hd,
     a = 2 bytes under bf16/fp16 autocast (4 in fp32), r = 4 (the fp32 residual stream):
 
-        norms      LayerNorm r d + 8 (its input; mean and rstd); RMSNorm 2 r d + 4 (input, normalised output)
+        norms      LayerNorm r d + 8 (its input; mean and rstd); RMSNorm r d + 4 (normalised output, 1/rms)
         attention  a d (QKV input) + a d (attention output) + 4 h (log-sum-exp)
                    + a h hd for each of q, k, v that reaches attention as a new tensor (q and k rotated by
                    RoPE; k and v repeated to h heads for grouped-query), + a (h + 2 kv) hd for the QKV
@@ -242,19 +242,20 @@ def activation_bytes(
         value      (value_residual) every layer keeps its QKV output (the mixing saves v and v_1, views of it),
         residual   and the mixed v of the later layers reaches attention as a new tensor
 
-    once per token: the final norm, the head's input (a d), fp32 logits kept by the loss (4 V), token ids,
-    targets and the loss's log-sum-exp (21 bytes); with RoPE, the cos and sin tables (8 hd per position);
-    and at the start of the backward (peak=True; peak=False counts what the forward saves), the logits'
-    gradient (4 V, plus a V under autocast) and, with activation checkpointing (where a layer keeps only its
-    input, r d, and with value residual the first layer's QKV output, v_1's storage), the one layer being
-    recomputed. Checked against the tensors real forward passes save, in tests/test_sizing.py. Approximated
-    (see `_approximations`): QK-norm, attention softcap; not counted: dropout masks. Autocast's copies of the
+    once per token: the final norm, the head's input (a d), the fp32 log-softmax kept by the loss (4 V),
+    token ids and targets (17 bytes); with RoPE, the cos and sin tables (4 hd per position); and at the
+    start of the backward (peak=True; peak=False counts what the forward saves), under autocast the logits'
+    gradient in 16 bits (a V; the fp32 gradient overwrites the saved log-softmax) and, with activation
+    checkpointing (where a layer keeps only its input, r d, and with value residual the first layer's QKV
+    output, v_1's storage), the one layer being recomputed. Checked against the tensors real forward
+    passes save, in tests/test_sizing.py. Approximated (see `_approximations`): QK-norm, attention softcap;
+    not counted: dropout masks. Autocast's copies of the
     weights are not activations: see `autocast_copy_bytes`.
     """
     a = 2 if precision in ("bf16", "fp16") else 4
     r = FP32
     d, h, kv, hd = mc.d_model, mc.n_head, mc.kv_heads, mc.head_dim
-    norm = (2 * r * d + 4) if mc.norm == "rmsnorm" else (r * d + 8)
+    norm = (r * d + 4) if mc.norm == "rmsnorm" else (r * d + 8)
     rope, grouped = mc.pos == "rope", kv < h
     qkv_out = a * (h + 2 * kv) * hd
 
@@ -282,14 +283,14 @@ def activation_bytes(
         2 * norm + attention(mc.value_residual and i > 0) + extra + (moe if mc.is_moe_layer(i) else dense)
         for i in range(mc.n_layer)
     ]
-    head = norm + a * d + 4 * mc.vocab_size + 21
-    if peak:
-        head += (4 + (a if a < 4 else 0)) * mc.vocab_size
+    head = norm + a * d + 4 * mc.vocab_size + 17
+    if peak and a < 4:
+        head += a * mc.vocab_size
     if checkpointing:
         per_token = mc.n_layer * r * d + (qkv_out if mc.value_residual else 0) + (max(layers) if peak else 0) + head
     else:
         per_token = sum(layers) + head
-    tables = 2 * seq_len * hd * 4 if rope else 0
+    tables = 2 * seq_len * (hd // 2) * 4 if rope else 0
     return batch * seq_len * per_token + tables
 
 
