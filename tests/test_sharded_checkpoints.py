@@ -185,7 +185,7 @@ def _dcp_state(ckpt: Path, cfg: Config) -> dict:
 
     model = build_model(cfg.model)
     model_sd, optim_sd = get_state_dict(model, build_optimizers(model, cfg.train, torch.device("cpu")))
-    sd = {"model": ckptmod._without_aliases(model_sd, model), "optimizers": optim_sd}
+    sd = {"model": ckptmod.without_tied_aliases(model_sd, model), "optimizers": optim_sd}
     ckptmod._dcp_load(sd, ckpt, alone=True)
     return {**sd, "model": model_sd}  # the tied head under both names again
 

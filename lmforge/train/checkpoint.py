@@ -282,7 +282,7 @@ def _begin_sharded(run_dir, model, optimizers, trainer_state: dict, parallel, ke
         save_trainer_state(tmp / TRAINER_STATE, trainer_state)
     parallel.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizers)
-    sd = {"model": _without_aliases(model_sd, model), "optimizers": optim_sd}
+    sd = {"model": without_tied_aliases(model_sd, model), "optimizers": optim_sd}
     return _ShardedSave(Path(run_dir), tmp, root / f"step_{step:07d}", step, keep, val_loss, sd)
 
 
@@ -434,13 +434,13 @@ def load_sharded(ckpt: Path, model, optimizers) -> dict:
 
     state = load_trainer_state(ckpt / TRAINER_STATE)
     model_sd, optim_sd = get_state_dict(model, optimizers)  # this process's layout, filled in by DCP
-    sd = {"model": _without_aliases(model_sd, model), "optimizers": optim_sd}
+    sd = {"model": without_tied_aliases(model_sd, model), "optimizers": optim_sd}
     _dcp_load(sd, ckpt, alone=not (dist.is_available() and dist.is_initialized()))
     set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=sd["optimizers"])
     return state
 
 
-def tied_aliases(model) -> dict[str, str]:
+def _tied_aliases(model) -> dict[str, str]:
     """{second name: first name} of every parameter the model holds under two names (a tied LM head)."""
     first, aliases = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -449,11 +449,11 @@ def tied_aliases(model) -> dict[str, str]:
     return aliases
 
 
-def _without_aliases(model_sd: dict, model) -> dict:
+def without_tied_aliases(model_sd: dict, model) -> dict:
     """The model's state dict with each tied tensor under its first name only, so a sharded checkpoint stores
     it once (DCP would write it under both). The names are the model's, so every rank drops the same ones.
     Loading into this dict fills the tied tensor, which the full dict still holds under both names."""
-    aliases = tied_aliases(model)
+    aliases = _tied_aliases(model)
     return {k: v for k, v in model_sd.items() if k not in aliases}
 
 
@@ -489,7 +489,7 @@ def consolidate(run_dir: Path, log=print) -> Path:
     else:
         model = build_model(model_cfg)
         sd = get_model_state_dict(model)
-        _dcp_load({"model": _without_aliases(sd, model)}, ckpt, alone=True)  # DCP reads just the keys asked for
+        _dcp_load({"model": without_tied_aliases(sd, model)}, ckpt, alone=True)  # DCP reads just the keys asked for
         set_model_state_dict(model, sd)
         save_weights(run_dir / WEIGHTS, model, {"step": step})
     log(f"consolidated {ckpt.name} -> {run_dir / WEIGHTS}")

@@ -26,7 +26,7 @@ import torch
 
 from ..config import Config, ModelConfig, round_up
 from ..errors import LmforgeError
-from .checkpoint import tied_aliases
+from .checkpoint import without_tied_aliases
 
 FP32 = 4  # bytes: master weights, gradients and optimizer state stay fp32 under autocast
 
@@ -141,8 +141,7 @@ def size_run(cfg: Config, env: DistEnv, device: torch.device, precision: str, vo
         notes.append("seq2seq: tokens per step, accumulation and activations depend on the pairs (not read here)")
 
     # a sharded checkpoint stores each tensor once: a tied weight under its first name only
-    aliases = tied_aliases(model)
-    named = [t for k, t in model.state_dict().items() if k not in aliases]
+    named = list(without_tied_aliases(model.state_dict(), model).values())
     sharded_numel = sum(t.numel() for t in named)
     shard_numel = sum(_shard_numel(t, world) for t in named) if sharded else 0
     grads = per_rank * FP32 * (2 if parallel == "ddp" else 1)
