@@ -241,8 +241,8 @@ def bf16_weights_reference(model):
 @pytest.mark.parametrize("kernel", Q.KERNELS["bf16"])
 @torch.no_grad()
 def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
-    """With --quantize bf16 the attention and MLP blocks (experts too) run in bf16 (bf16 KV cache) and the
-    residual stream in fp32: a prompt, then decode steps through the cache, give the reference's logits (fp32
+    """With --quantize bf16 the attention and MLP blocks' projections (experts too) run in bf16, while the
+    residual stream, the KV cache and attention through it stay fp32: a prompt, then decode steps through the cache, give the reference's logits (fp32
     math on bf16 weights) within bf16 rounding, as fp32 logits, and the same greedy tokens."""
     if Q.kernel_available(kernel) is not None:
         pytest.skip(f"{kernel} cannot run on this CPU")
@@ -258,7 +258,7 @@ def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
     got = model(ids)
     assert got.dtype == torch.float32 and float((got - want).abs().max()) < 0.01 * scale
     cache = model.new_cache(2, 24)
-    assert cache.k[0].dtype == torch.bfloat16
+    assert cache.k[0].dtype == torch.float32  # bf16 attention over a cache is several times slower on CPUs
     steps = [model(ids[:, :16], cache)] + [model(ids[:, t : t + 1], cache) for t in range(16, 24)]
     stepped = torch.cat(steps, dim=1)
     assert stepped.dtype == torch.float32 and float((stepped - want).abs().max()) < 0.01 * scale

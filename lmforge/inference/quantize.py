@@ -8,9 +8,10 @@ the best one this CPU can run:
 
     option        kernels (fallback order)              what changes
     none          onednn, transposed, linear            nothing but the layout: fp32, same results up to rounding
-    bf16          bf16-onednn, bf16-mv,                  weights and products in bfloat16, and within each attention
-                  bf16-transposed, bf16-linear           and MLP block the activations and the KV cache too; the
-                                                         residual stream, the norms and the logits stay fp32
+    bf16          bf16-onednn, bf16-mv,                  weights and products in bfloat16, and the projections'
+                  bf16-transposed, bf16-linear           outputs within each attention and MLP block; the residual
+                                                         stream, the norms, the KV cache and attention over it,
+                                                         and the logits stay fp32
     int8          int8                                   weight-only int8, one scale per output channel
     int8-dynamic  int8-dynamic                           int8 weights, activations rounded to int8 per call (PyTorch's
                                                          quantized ops, which PyTorch has deprecated): least exact
@@ -347,15 +348,19 @@ def pack_for_inference(
 
 
 def _bf16_inside_blocks(model: nn.Module) -> None:
-    """Keep activations in bf16 within each attention and MLP block of a bf16 model; the residual stream,
-    the norms and the logits stay fp32.
+    """Keep the projections' outputs in bf16 within each attention and MLP block of a bf16 model; the residual
+    stream, the norms, the KV cache and attention over it, and the logits stay fp32.
 
-    The projections of attention (qkv, proj) and of the MLP (up, gate, down) return bf16, which is what
-    their bf16 products give before the cast back: so attention runs in bf16 (keys and values, the KV cache,
-    softmax(q k^T) v, which accumulates in fp32), as does the MLP's activation, and the next projection
-    takes its input without a conversion. A block's output joins the fp32 residual stream in the add (type
-    promotion), so the stream keeps fp32 precision; the only roundings added are of values that are already
-    bf16 products (a projection's output) or about to be rounded for the next product anyway.
+    The projections of attention (qkv, proj) and of the MLP (up, gate, down) return bf16, which is what their
+    bf16 products give before the cast back: so the MLP's activation runs in bf16 and the next projection takes
+    its input without a conversion. The KV cache stays fp32 (the embeddings' dtype), so Attention.forward casts
+    the queries to it and attends in fp32 through the cache (prompt and decode steps), because PyTorch's CPU attention kernel is several times slower
+    in bf16 than in fp32 for one query token on CPUs without AMX: 122 vs 23 us per layer over 192 cached
+    positions, 668 vs 90 us over 1,024, on a 2-core AMD EPYC with AVX512-BF16 (benchmarks/RESULTS.md), while
+    the fp32 cache only adds the keys' and values' bytes, small next to the weights a step reads at these
+    lengths. A block's output joins the fp32 residual stream in the add (type promotion), so the stream keeps
+    fp32 precision; the only roundings added are of values that are already bf16 products (a projection's
+    output) or about to be rounded for the next product anyway.
     """
     from ..models.layers import MLP, Attention
 
@@ -364,5 +369,3 @@ def _bf16_inside_blocks(model: nn.Module) -> None:
             for child in block.children():
                 if isinstance(child, (PackedLinear, DenseLinear)) and child.dtype == torch.bfloat16:
                     child.out_dtype = torch.bfloat16
-    if hasattr(model, "cache_dtype"):
-        model.cache_dtype = torch.bfloat16  # keys and values come out of bf16 projections
