@@ -243,7 +243,8 @@ def bf16_weights_reference(model):
 def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
     """With --quantize bf16 the attention and MLP blocks' projections (experts too) run in bf16, while the
     residual stream, the KV cache and attention through it stay fp32: a prompt, then decode steps through the
-    cache, give the reference's logits (fp32 math on bf16 weights) within bf16 rounding, as fp32 logits, and the same greedy tokens."""
+    cache, give the reference's logits (fp32 math on bf16 weights) within bf16 rounding, as fp32 logits, and
+    the same greedy tokens."""
     if Q.kernel_available(kernel) is not None:
         pytest.skip(f"{kernel} cannot run on this CPU")
     kw = {"gpt2": {}, "llama": LLAMA, "mixtral": dict(LLAMA, moe_experts=4, moe_top_k=2)}[arch]
