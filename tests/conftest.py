@@ -1,5 +1,7 @@
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 # Tests never download: the Hugging Face hub and datasets libraries stay offline (set before they are imported).
@@ -13,6 +15,22 @@ from lmforge.cli import main
 from lmforge.data.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` with nproc CPU processes of one thread each (args: a script or `-m module` and its
+    arguments), from the repository root with tests/ importable; asserts success, returns the finished process.
+
+    --standalone lets torchrun pick a free rendezvous port itself, so two test sessions on one machine (or a
+    port some other program holds) never make a run fail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
 
 SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the robot", "a child"]
 VERBS = ["sees", "likes", "finds", "draws", "follows"]

@@ -4,14 +4,11 @@ the background (async_checkpoint) give the same checkpoints."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, torchrun
 from torch.distributed.checkpoint import FileSystemReader
 
 from lmforge.config import Config, ModelConfig, TrainConfig
@@ -59,15 +56,6 @@ def step_records(run: Path) -> list[dict]:
     return [r for r in recs if "loss" in r]
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += ["--master_port", str(29600 + os.getpid() % 1000), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus_dir) -> tuple[Path, list[dict]]:
     """The uninterrupted run, in one process; and the cache its data was prepared in."""
@@ -88,7 +76,7 @@ def _assert_tracks(run: Path, ref: list[dict]) -> None:
 def test_two_processes_shard_crash_then_resume_on_one(reference, corpus_dir, tmp_path, capsys):
     root, ref = reference
     run = tmp_path / "two"
-    _torchrun([str(ROOT / "tests" / "dist_ckpt_worker.py"), str(run), str(corpus_dir), str(root / "cache")])
+    torchrun([str(ROOT / "tests" / "dist_ckpt_worker.py"), str(run), str(corpus_dir), str(root / "cache")])
     ckpts = run / "checkpoints"
     # step 2: a DCP checkpoint, one shard file per rank, written without gathering the full state (the worker checks)
     (done,) = ckptmod.step_dirs(ckpts)
@@ -134,7 +122,7 @@ def test_one_process_then_two_sharded(reference, corpus_dir, tmp_path):
     root, ref = reference
     run = tmp_path / "one"
     train(dcp_config(), run, data=corpus_dir, cache_root=root / "cache", log=QUIET, stop_after_steps=4)
-    out = _torchrun(["-m", "lmforge", "train", "--resume", str(run)])
+    out = torchrun(["-m", "lmforge", "train", "--resume", str(run)])
     assert "2 processes (fsdp)" in out.stdout and "512 tokens per step" in out.stdout
     _assert_tracks(run, ref)
     latest = ckptmod.latest_checkpoint(run)
@@ -201,7 +189,7 @@ def _tensors(tree, prefix=""):
 def test_async_saves_crash_in_flight_then_resume(reference, corpus_dir, tmp_path):
     root, ref = reference
     run = tmp_path / "async"
-    _torchrun([str(ROOT / "tests" / "dist_async_worker.py"), str(run), str(corpus_dir), str(root / "cache")])
+    torchrun([str(ROOT / "tests" / "dist_async_worker.py"), str(run), str(corpus_dir), str(root / "cache")])
     ckpts, cfg = run / "checkpoints", load_config(run)
     assert cfg.train.async_checkpoint
     # steps 2 and 4 count; the save of step 6 was in flight at the crash: its shards, but no manifest
@@ -222,7 +210,7 @@ def test_async_saves_crash_in_flight_then_resume(reference, corpus_dir, tmp_path
     assert not torch.equal(later[".model.blocks.0.attn.qkv.weight"], written[".model.blocks.0.attn.qkv.weight"])
 
     # resumed on 2 processes, in the background again: from step 4, as the uninterrupted run
-    out = _torchrun(["-m", "lmforge", "train", "--resume", str(run)])
+    out = torchrun(["-m", "lmforge", "train", "--resume", str(run)])
     assert "resuming" in out.stdout and "unavailable" not in out.stdout + out.stderr
     _assert_tracks(run, ref)
     assert [d.name for d in ckptmod.step_dirs(ckpts)] == ["step_0000006", "step_0000008"]  # keep_checkpoints 2

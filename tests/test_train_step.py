@@ -5,14 +5,12 @@ accumulating micro-batches that predict different numbers of tokens equals one b
 """
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from conftest import torchrun
 
 from lmforge.config import ModelConfig, Seq2SeqConfig
 from lmforge.data import pairs
@@ -153,17 +151,7 @@ def test_two_processes_accumulating_equal_one_process_one_batch(tmp_path):
     """2 ranks x 2 ragged micro-batches each (DDP, then FSDP2) = one process, one padded batch of all four."""
     micro = ragged()
     torch.save({"micro": micro}, tmp_path / "micro.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += ["--master_port", str(29500 + (os.getpid() + 7) % 1000), str(ROOT / "tests" / "dist_step_worker.py")]
-    r = subprocess.run(
-        [*cmd, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    torchrun([str(ROOT / "tests" / "dist_step_worker.py"), str(tmp_path)])
     ref_model = tiny_model()
     ref = train_step(Setup(ref_model, [sgd(ref_model)]), ListTask([one_batch(micro)]), None, 1.0)
     for kind in ("ddp", "fsdp"):

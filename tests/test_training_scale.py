@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, run_cli
+from conftest import TINY_ARGS, run_cli, torchrun
 
 from lmforge.config import Config, ModelConfig, TrainConfig
 from lmforge.models import build_model
@@ -317,25 +317,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
 # --- distributed -------------------------------------------------------------------------------
 
 
-def _torchrun(nproc: int, args: list[str], tmp_path: Path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
-        "lmforge",
-        "train",
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, corpus_dir, parallel):
     # prepare data once so both runs read the same shards
@@ -382,9 +363,8 @@ def test_two_processes_match_one(tmp_path, corpus_dir, parallel):
     )
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
-    out = _torchrun(
-        2, [str(corpus_dir), "--out", str(two), *base, "--batch_size", "4", "--parallel", parallel], tmp_path
-    )
+    args = [str(corpus_dir), "--out", str(two), *base, "--batch_size", "4", "--parallel", parallel]
+    out = torchrun(["-m", "lmforge", "train", *args])
     assert "2 processes" in out.stdout
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 8
