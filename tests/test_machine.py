@@ -2,6 +2,7 @@
 shared between processes, atomic cache writes, MFU never above 100 %, and a start-up that needs no torch."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -175,3 +176,41 @@ assert "torch" not in sys.modules, [m for m in sys.modules if m.startswith("torc
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+REUSE_PROBE = """
+import resource, torch
+from lmforge import machine
+kept = machine.keep_freed_memory()
+def step():  # like a training step's activations: 90 MB of tensors of several sizes alive at once, then freed
+    xs = [torch.ones(mb << 18) for mb in (16, 4, 8, 16, 2, 32, 8, 4)]
+    del xs
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"), reason="glibc only"
+)
+def test_freed_memory_is_reused_without_page_faults():
+    """With keep_freed_memory, tensors allocated again reuse the pages freed before; glibc's default
+    (LMFORGE_KEEP_FREED_MEMORY=0) maps big ones afresh each time and faults on every page's first write
+    (measured here: 12,000-18,000 faults per round of 23,000 pages by default, 1,000-2,000 kept)."""
+
+    def probe(**env):
+        r = subprocess.run(
+            [sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+        )
+        assert r.returncode == 0, r.stderr
+        kept, faults = r.stdout.split()
+        return kept, float(faults)
+
+    kept_on, faults_on = probe()
+    kept_off, faults_off = probe(LMFORGE_KEEP_FREED_MEMORY="0")
+    assert (kept_on, kept_off) == ("True", "False")
+    assert faults_off > 0
+    assert faults_on * 4 <= faults_off

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import machine
 from ..config import preset
 from ..errors import LmforgeError
 from ..models import build_model
@@ -120,11 +121,14 @@ def bench_train(
     """Steady-state training tokens/s and MFU of lmforge and of the textbook reference, interleaved, same sizes.
 
     lmforge runs as `lmforge train` would (its precision choice, optimizer split); the reference is
-    the textbook fp32 setup unless ref_precision says otherwise.
+    the textbook fp32 setup unless ref_precision says otherwise. On a CPU both run in this one process with
+    the allocator setting `lmforge train` uses (machine.keep_freed_memory), so the ratio compares the steps
+    themselves; LMFORGE_KEEP_FREED_MEMORY=0 measures both without it.
     """
     cfg = preset(preset_name)
     mcfg, tcfg = cfg.model, cfg.train
     dev = pick_device(device)
+    kept = dev.type == "cpu" and machine.keep_freed_memory()
     precision = choose_precision(precision, dev)
     ref_precision = choose_precision(ref_precision, dev)
     B = batch_size or tcfg.batch_size
@@ -164,7 +168,10 @@ def bench_train(
         out[name] = {"tokens_per_s": tps, "mfu": peaks[name].mfu(tps * flops), "step_s": best}
     out["ratio"] = out["lmforge"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     compiled = ", compiled" if compile else ""
-    log(f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{compiled}; best of {rounds} x {steps} steps")
+    memory = ", freed memory kept for reuse" if kept else ""
+    log(
+        f"bench train: preset {preset_name}, batch {B} x {T}, {dev}{compiled}{memory}; best of {rounds} x {steps} steps"
+    )
     for name, prec in (("lmforge", precision), ("reference", ref_precision)):
         r = out[name]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
