@@ -77,11 +77,11 @@ def keep_freed_memory() -> bool:
     Why: by default glibc maps every allocation above an adaptive threshold (128 KiB to 32 MiB) afresh and
     returns freed heap memory to the system, so a CPU training step's new activations, gradients and logits
     arrive as untouched pages, and the kernel zero-fills each on its first write: about 48,000 page faults
-    (190 MB) per step of the `tiny` preset. Kept for reuse, they cost nothing, and the step is 7-13 %
-    faster (benchmarks/RESULTS.md); peak memory stays the same, since a steady training step frees what
-    the next one allocates. The same advice as PyTorch's CPU performance guide (a caching allocator such as
-    jemalloc or tcmalloc), without preloading a library. Process-wide; a no-op (False) off Linux or
-    without glibc.
+    (190 MB) per step of the `tiny` preset. Kept for reuse, they cost nothing: `lmforge train` of `tiny` in
+    fp32 ran 5-13 % more tokens/s (three alternating pairs, benchmarks/RESULTS.md), and peak memory stayed
+    within 1 %, since a steady training step frees what the next one allocates. The same advice as
+    PyTorch's CPU performance guide (a caching allocator such as jemalloc or tcmalloc), without preloading a
+    library. Process-wide; a no-op (False) off Linux or without glibc.
     """
     global _kept_freed_memory
     if _kept_freed_memory is None:

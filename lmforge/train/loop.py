@@ -89,7 +89,7 @@ def train(
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     if device.type == "cpu":
-        machine.keep_freed_memory()  # no page faults for each step's fresh tensors: 7-13 % faster steps
+        machine.keep_freed_memory()  # no page faults for each step's fresh tensors: 5-13 % faster on CPU
     log = log if dist_info.is_main else (lambda *_: None)
     try:
         return _run(cfg, run_dir, data, resume, cache_root, stop_after_steps, log, device, dist_info)
