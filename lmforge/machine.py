@@ -79,7 +79,7 @@ def keep_freed_memory() -> bool:
     arrive as untouched pages, and the kernel zero-fills each on its first write: about 48,000 page faults
     (190 MB) per step of the `tiny` preset. Kept for reuse, they cost nothing: `lmforge train` of `tiny` in
     fp32 ran 5-13 % more tokens/s (three alternating pairs, benchmarks/RESULTS.md), and peak memory stayed
-    within 1 %, since a steady training step frees what the next one allocates. The same advice as
+    within 3 %, since a steady training step frees what the next one allocates. The same advice as
     PyTorch's CPU performance guide (a caching allocator such as jemalloc or tcmalloc), without preloading a
     library. Process-wide; a no-op (False) off Linux or without glibc.
     """
