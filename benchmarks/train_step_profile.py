@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lmforge import machine
 from lmforge.config import preset
 from lmforge.models import build_model
 from lmforge.train.bench import bench_step
@@ -67,6 +68,7 @@ def main():
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    machine.keep_freed_memory()  # as `lmforge train` does on a CPU (LMFORGE_KEEP_FREED_MEMORY=0: glibc's default)
     cfg = preset(args.preset)
     mc, tc = cfg.model, cfg.train
     dev = torch.device("cpu")
@@ -90,6 +92,7 @@ def main():
     print(f"{args.preset} {args.precision}: {total / 1e3 / args.steps:.0f} ms per step (self CPU time, profiled)")
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<11} {100 * t / total:5.1f} %  {t / 1e3 / args.steps:7.1f} ms")
+    print(f"  matrix multiplication + attention: {100 * (by_kind['matmul'] + by_kind['attention']) / total:.1f} %")
     print(f"\ntop {args.top} operators by self CPU time:")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         print(

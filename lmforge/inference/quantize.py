@@ -349,19 +349,18 @@ def pack_for_inference(
 
 def _bf16_inside_blocks(model: nn.Module) -> None:
     """Keep the projections' outputs in bf16 within each attention and MLP block of a bf16 model; the residual
-        stream, the norms, the KV cache and attention over it, and the logits stay fp32.
+    stream, the norms, the KV cache and attention over it, and the logits stay fp32.
 
-        The projections of attention (qkv, proj) and of the MLP (up, gate, down) return bf16, which is what their
-        bf16 products give before the cast back: so the MLP's activation runs in bf16 and the next projection takes
-        its input without a conversion. The KV cache stays fp32 (the embeddings' dtype), so Attention.forward casts
-        the queries to it and attends in fp32 through the cache (prompt and decode steps). That is faster: PyTorch's
-        CPU attention kernel is several times slower in bf16 than in fp32 for one query token on a CPU without AMX
-        (122 vs 23 us per layer over 192 cached positions, 668 vs 90 us over 1,024, on a 2-core AMD EPYC with
-        AVX512-BF16; benchmarks/RESULTS.md), while the fp32 cache only adds the keys' and values' bytes, small
-        next to the weights a step reads at these
-    lengths. A block's output joins the fp32 residual stream in the add (type promotion), so the stream keeps
-        fp32 precision; the only roundings added are of values that are already bf16 products (a projection's
-        output) or about to be rounded for the next product anyway.
+    The projections of attention (qkv, proj) and of the MLP (up, gate, down) return bf16, which is what their
+    bf16 products give before the cast back: so the MLP's activation runs in bf16 and the next projection takes
+    its input without a conversion. The KV cache stays fp32 (the embeddings' dtype), so Attention.forward casts
+    the queries to it and attends in fp32 through the cache (prompt and decode steps). That is faster: PyTorch's
+    CPU attention kernel is 4-7x slower in bf16 than in fp32 for one query token on a CPU without AMX (131 vs
+    30 us per layer over 192 cached positions, 691 vs 99 us over 1,024, on a 2-core AMD EPYC with AVX512-BF16;
+    benchmarks/decode_attention.py), while the fp32 cache only adds the keys' and values' bytes, small next
+    to the weights a step reads at these lengths. A block's output joins the fp32 residual stream in the add
+    (type promotion), so the stream keeps fp32 precision; the only roundings added are of values that are
+    already bf16 products (a projection's output) or about to be rounded for the next product anyway.
     """
     from ..models.layers import MLP, Attention
 
