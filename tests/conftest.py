@@ -1,5 +1,6 @@
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` with nproc CPU processes of one thread each (args: a script or `-m module` and its
-    arguments), from the repository root with tests/ importable; asserts success, returns the finished process.
+    """`torchrun` with nproc CPU processes of one thread each (args: a script or `-m module` and its arguments),
+    from the repository root with tests/ importable; asserts success, returns the finished process.
 
-    --standalone lets torchrun pick a free rendezvous port itself, so two test sessions on one machine (or a
-    port some other program holds) never make a run fail."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    The rendezvous port is one the system has just handed out as free, so two test sessions on one machine
+    (or a port another program holds) do not make a run fail, as a fixed or pid-derived port could."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(port)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
