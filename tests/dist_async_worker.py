@@ -73,8 +73,8 @@ def main(run: Path, corpus: Path, cache: Path) -> None:
 if __name__ == "__main__":
     main(*map(Path, sys.argv[1:4]))
     # This rank died as planned and checked it. Leave without the interpreter's teardown: a process whose training
-    # raised mid-run can abort there ("terminate called without an active exception", a gloo thread's destructor
-    # at finalization; seen once in ~12 runs), which torchrun would report as a failure of the crash itself.
+    # raised mid-run can abort there ("terminate called without an active exception", most likely a gloo thread
+    # destroyed at finalization; seen once in ~12 runs), which torchrun would report as a failure of the crash itself.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
