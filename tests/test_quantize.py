@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -264,3 +265,40 @@ def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
     stepped = torch.cat(steps, dim=1)
     assert stepped.dtype == torch.float32 and float((stepped - want).abs().max()) < 0.01 * scale
     assert (stepped.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("layout", [{}, {"transposed": True}, {"matvec": True}])
+@torch.no_grad()
+def test_bf16_prompt_in_fp32_gives_the_bf16_products_values(layout):
+    """prompt_in_fp32 (CPUs without fast bf16 products): a prompt is multiplied in fp32 by the bf16 weights and
+    the bf16-rounded input, the values a bf16 product accumulating in fp32 has before its output rounding;
+    one decode token still takes the bf16 kernel."""
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) / 8)
+        lin.bias.copy_(torch.randn(48, generator=g) / 8)
+    fp32_prompt = Q.DenseLinear(lin, torch.bfloat16, prompt_in_fp32=True, **layout)
+    plain = Q.DenseLinear(lin, torch.bfloat16, **layout)
+    x = torch.randn(2, 5, 64, generator=g)
+    want = F.linear(x.bfloat16().float(), lin.weight.bfloat16().float(), lin.bias.bfloat16().float())
+    got = fp32_prompt(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert float((plain(x) - want).abs().max()) > 0  # the bf16 kernel rounds its output: the paths differ
+    one = x[:1, :1]
+    torch.testing.assert_close(fp32_prompt(one), plain(one), atol=0, rtol=0)  # decode: the same bf16 kernel
+
+
+@torch.no_grad()
+def test_bf16_prompts_in_fp32_where_bf16_products_are_slow(monkeypatch):
+    """The plain bf16 kernels take prompts in fp32 exactly when the CPU has no fast bf16 matrix multiplies."""
+    from lmforge.train import precision
+
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda log=None, native=native: native)
+        Q.bf16_prompts_in_fp32.cache_clear()
+        model = Q.pack_for_inference(tiny_model(), "bf16", kernel="bf16-linear")
+        layers = [m for m in model.modules() if isinstance(m, Q.DenseLinear)]
+        assert layers and all(m.prompt_in_fp32 is (not native) for m in layers)
+    Q.bf16_prompts_in_fp32.cache_clear()

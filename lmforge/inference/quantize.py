@@ -20,8 +20,14 @@ the best one this CPU can run:
                   bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: AVX2-only CPUs cannot run it
     transposed    W^T kept as an (in, out) matrix, y = x @ W^T: a matrix-vector product that streams W row by row
     linear        the usual (out, in) layout through F.linear
-    mv            the (out, in) layout, one token through torch.addmv (PyTorch's reduced-precision matrix-vector
-                  kernel, which accumulates in fp32; every CPU runs it), more tokens through F.linear
+    mv            the (out, in) layout, one token through torch.mv with oneDNN switched off (PyTorch's own
+                  reduced-precision matrix-vector kernel, which accumulates in fp32; every CPU runs it) and the
+                  bias added after, more tokens through F.linear
+
+On a CPU whose bf16 matrix multiplies are not clearly faster than fp32 (no native bf16: AVX2-only CPUs),
+the plain bf16 kernels (mv, transposed, linear) multiply a prompt (several rows) in fp32 from the bf16
+weights: there a 128-token bf16 product is compute-bound and ~4x slower than converting the weight and
+multiplying in fp32, while one decode token still streams the bf16 bytes (bf16_prompts_in_fp32).
 
 Choosing a kernel (`choose_kernel`), in two steps:
   1. which can run: a kernel is available when a trial on a tiny layer runs and agrees with
@@ -43,6 +49,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -83,20 +90,46 @@ class PackedLinear(nn.Module):
         return y.to(self.out_dtype or x.dtype)
 
 
+@contextmanager
+def _aten_kernels():
+    """Within: PyTorch's own CPU kernels instead of oneDNN's for products (torch.backends.mkldnn off; the flag
+    is process-wide, restored on exit). For a bf16 matrix-vector product ATen's kernel streams the weights
+    faster than oneDNN's: 48 GPT-2 body matrices in 5.5 ms with it, 15.2 ms through oneDNN and 7.7 ms through
+    oneDNN's packed layout, on a 2-core AMD EPYC with AVX512-BF16 (benchmarks/RESULTS.md)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
 class DenseLinear(nn.Module):
     """x W^T + b with W stored in `dtype`, either as it is (out, in) through F.linear or transposed (in, out).
 
     matvec (the (out, in) layout only): one row x (..., in) with a single row, the decode step at batch 1,
-    goes through torch.addmv instead, a matrix-vector kernel; more rows (a prompt) through F.linear.
+    goes through torch.mv instead, PyTorch's own matrix-vector kernel (oneDNN off: _aten_kernels), then
+    adds the bias; more rows (a prompt) through F.linear.
     Plain PyTorch ops, so every CPU runs it; bf16 weights halve the bytes each token reads.
+    prompt_in_fp32: inputs of more than one row (a prompt) are multiplied in fp32, by the weights converted
+    from `dtype` on the fly and the input rounded to `dtype` first: the same values as the `dtype` product,
+    for CPUs where that product is slow (bf16_prompts_in_fp32).
     """
 
-    def __init__(self, linear: nn.Linear, dtype=torch.float32, transposed: bool = False, matvec: bool = False):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        dtype=torch.float32,
+        transposed: bool = False,
+        matvec: bool = False,
+        prompt_in_fp32: bool = False,
+    ):
         super().__init__()
         if transposed and matvec:
             raise ValueError("matvec uses the (out, in) layout, not the transposed one")
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
         self.transposed, self.matvec = transposed, matvec
+        self.prompt_in_fp32 = prompt_in_fp32  # several rows: fp32 product of the rounded input and weights
         self.out_dtype = None  # None: the input's dtype; pack_for_inference sets bf16 inside attention and MLP blocks
         w = linear.weight.detach().to(dtype)
         self.register_buffer("weight", w.t().contiguous() if transposed else w.contiguous())  # (in, out) or (out, in)
@@ -106,8 +139,14 @@ class DenseLinear(nn.Module):
         h = x.to(self.dtype)
         if self.matvec and h.numel() == self.in_features:  # one token of one row
             v = h.reshape(self.in_features)
-            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
+            with _aten_kernels():  # mv, then the bias: its addmv with a bias is ~14x slower in bf16
+                y = torch.mv(self.weight, v) if self.bias is None else torch.mv(self.weight, v).add_(self.bias)
             return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
+        if self.prompt_in_fp32 and h.numel() > self.in_features:  # a prompt, on a CPU without fast bf16 products
+            w = self.weight.float()
+            b = None if self.bias is None else self.bias.float()
+            y = F.linear(h.float(), w.t() if self.transposed else w, b)
+            return y.to(self.out_dtype or x.dtype)
         if not self.transposed:
             return F.linear(h, self.weight, self.bias).to(self.out_dtype or x.dtype)
         flat = h.reshape(-1, self.in_features)
@@ -153,15 +192,36 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic.default(x.float().contiguous(), self.packed, True).to(x.dtype)
 
 
+@functools.cache
+def bf16_prompts_in_fp32() -> bool:
+    """Whether the plain bf16 kernels multiply prompts in fp32: when this CPU's bf16 matrix multiplies are not
+    clearly faster than its fp32 ones (lmforge.train.precision.cpu_has_native_bf16: answered from the flags
+    on a CPU without bf16 instructions, else measured once per machine). Once per process.
+
+    Measured under AVX2-only kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on an AMD EPYC), a
+    128-token prompt through a 3072 x 768 layer: bf16 16.3 ms, fp32 from the converted weights 4.0 ms; with
+    the CPU's native bf16 instructions, bf16 1.7 ms (benchmarks/RESULTS.md).
+    """
+    from ..train.precision import cpu_has_native_bf16
+
+    return not cpu_has_native_bf16()
+
+
 # kernel -> (module built from an nn.Linear, or None to keep it; whether only layers >= PACK_MIN_WEIGHTS change)
 _FACTORIES = {
     "onednn": (lambda lin: PackedLinear(lin, torch.float32), True),
     "transposed": (lambda lin: DenseLinear(lin, torch.float32, transposed=True), True),
     "linear": (None, True),
     "bf16-onednn": (lambda lin: PackedLinear(lin, torch.bfloat16), False),
-    "bf16-mv": (lambda lin: DenseLinear(lin, torch.bfloat16, matvec=True), False),
-    "bf16-transposed": (lambda lin: DenseLinear(lin, torch.bfloat16, transposed=True), False),
-    "bf16-linear": (lambda lin: DenseLinear(lin, torch.bfloat16), False),
+    "bf16-mv": (
+        lambda lin: DenseLinear(lin, torch.bfloat16, matvec=True, prompt_in_fp32=bf16_prompts_in_fp32()),
+        False,
+    ),
+    "bf16-transposed": (
+        lambda lin: DenseLinear(lin, torch.bfloat16, transposed=True, prompt_in_fp32=bf16_prompts_in_fp32()),
+        False,
+    ),
+    "bf16-linear": (lambda lin: DenseLinear(lin, torch.bfloat16, prompt_in_fp32=bf16_prompts_in_fp32()), False),
     "int8": (Int8Linear, False),
     "int8-dynamic": (DynamicInt8Linear, False),
 }
