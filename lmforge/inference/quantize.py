@@ -24,7 +24,7 @@ the best one this CPU can run:
                   reduced-precision matrix-vector kernel, which accumulates in fp32; every CPU runs it) and the
                   bias added after, more tokens through F.linear
 
-On a CPU whose bf16 matrix multiplies are not clearly faster than fp32 (no native bf16: AVX2-only CPUs),
+On a CPU whose bf16 matrix multiplies are slower than fp32 (no native bf16: AVX2-only CPUs; measured),
 the plain bf16 kernels (mv, transposed, linear) multiply a prompt (several rows) in fp32 from the bf16
 weights: there a 128-token bf16 product is compute-bound and ~4x slower than converting the weight and
 multiplying in fp32, while one decode token still streams the bf16 bytes (bf16_prompts_in_fp32).
@@ -194,17 +194,33 @@ class DynamicInt8Linear(nn.Module):
 
 @functools.cache
 def bf16_prompts_in_fp32() -> bool:
-    """Whether the plain bf16 kernels multiply prompts in fp32: when this CPU's bf16 matrix multiplies are not
-    clearly faster than its fp32 ones (lmforge.train.precision.cpu_has_native_bf16: answered from the flags
-    on a CPU without bf16 instructions, else measured once per machine). Once per process.
+    """Whether the plain bf16 kernels multiply prompts in fp32: when this CPU's bf16 matrix multiplies are
+    slower than its fp32 ones (`bf16_products_slower`, measured once per process, a few milliseconds).
 
-    Measured under AVX2-only kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on an AMD EPYC), a
-    128-token prompt through a 3072 x 768 layer: bf16 16.3 ms, fp32 from the converted weights 4.0 ms; with
-    the CPU's native bf16 instructions, bf16 1.7 ms (benchmarks/RESULTS.md).
+    Under AVX2-only kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on an AMD EPYC) a 128-token prompt
+    through a 3072 x 768 layer took 16.3 ms in bf16 and 4.0 ms in fp32 from the converted weights; with the
+    CPU's native bf16 instructions, 1.7 ms in bf16 (benchmarks/RESULTS.md).
     """
-    from ..train.precision import cpu_has_native_bf16
+    return bf16_products_slower()
 
-    return not cpu_has_native_bf16()
+
+def bf16_products_slower(rows: int = 128, width: int = 768, repeats: int = 3) -> bool:
+    """True when a (rows, width) x (width, width) product takes longer in bf16 than in fp32 on this CPU, best
+    of `repeats` each: a CPU without bf16 instructions (or a PyTorch build without their kernels) converts
+    every element, several times slower; one with them is faster in bf16."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(width, width, generator=g)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd = x.to(dtype), w.to(dtype)
+        F.linear(xd, wd)  # first call: allocations, kernel selection
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            F.linear(xd, wd)
+            times.append(time.perf_counter() - t)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] > best[torch.float32]
 
 
 # kernel -> (module built from an nn.Linear, or None to keep it; whether only layers >= PACK_MIN_WEIGHTS change)
