@@ -148,7 +148,7 @@ def test_kernel_choice_is_timed_on_the_first_loads_and_kept(tmp_path, monkeypatc
     assert timed == [usable] * Q.MEASURE_LOADS and len(notes) == Q.MEASURE_LOADS and "timing" in notes[0]
     assert fast == "bf16-linear"
 
-    def is_fast(m):  # a bf16-linear layer: (out, in) bf16 weights through F.linear, not bf16-mv's addmv
+    def is_fast(m):  # a bf16-linear layer: (out, in) bf16 weights through F.linear, not bf16-mv's mv
         return type(m) is Q.DenseLinear and not m.transposed and not m.matvec
 
     if len(usable) > 1:  # the first, misled load picked the slow kernel
@@ -157,6 +157,29 @@ def test_kernel_choice_is_timed_on_the_first_loads_and_kept(tmp_path, monkeypatc
     for model in models[1:]:
         layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Q.DenseLinear, Q.PackedLinear))]
         assert all(is_fast(m) for m in layers)
+
+
+def test_kernel_timings_of_older_kernel_code_are_not_trusted(tmp_path, monkeypatch):
+    """Timings kept under another KERNELS_REVISION (the kernels' code has changed since) do not decide: the
+    first loads time the kernels again."""
+    from lmforge import machine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    usable = Q.available_kernels("bf16")
+    model = tiny_model()
+    shapes = "+".join(dict.fromkeys(f"{m.out_features}x{m.in_features}" for m in Q._sample_layers(model, False)))
+    old = {"seconds": {k: 1.0 for k in usable}, "loads": Q.MEASURE_LOADS}
+    machine.update(f"decode_kernel_seconds/r1/bf16/{shapes}", lambda _: old)  # complete, but of older code
+    timed = []
+
+    def measure(kernels, layers, seconds=Q.MEASURE_SECONDS):
+        timed.append(list(kernels))
+        return {k: 0.001 for k in kernels}
+
+    monkeypatch.setattr(Q, "measure_kernels", measure)
+    Q.pack_for_inference(model, "bf16", log=lambda _: None)
+    assert timed == [usable]
+    assert machine.read(f"decode_kernel_seconds/{Q.KERNELS_REVISION}/bf16/{shapes}")["loads"] == 1
 
 
 def test_measure_kernels_is_bounded(monkeypatch):

@@ -68,6 +68,10 @@ PACK_MIN_WEIGHTS = 1 << 19  # fp32 layouts skip layers smaller than this (768 x 
 MEASURE_SECONDS = 0.4  # choosing among an option's kernels, on each of the first MEASURE_LOADS loads
 MEASURE_LOADS = 3  # per machine and model shape: each kernel's best time over these loads decides, then it is kept
 MEASURE_BYTES = 64 << 20  # of the model's fp32 weights timed for it: more than the per-core caches hold
+# Part of the key under which kernel timings are kept per machine: raise it whenever a kernel's code changes,
+# so machines time the kernels again instead of trusting timings of the old code (r2: bf16-mv's mv without
+# oneDNN, the plain bf16 kernels' fp32 prompts).
+KERNELS_REVISION = "r2"
 
 
 class PackedLinear(nn.Module):
@@ -301,7 +305,7 @@ def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> st
     from .. import machine
 
     shapes = "+".join(dict.fromkeys(f"{lin.out_features}x{lin.in_features}" for lin in layers))
-    key = f"decode_kernel_seconds/{quantize}/{shapes}"
+    key = f"decode_kernel_seconds/{KERNELS_REVISION}/{quantize}/{shapes}"
     kept = machine.read(key)
     if not _complete(kept, usable):
         (log or machine._stderr)(
