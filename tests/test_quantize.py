@@ -296,7 +296,7 @@ def test_bf16_blocks_match_the_bf16_weights_reference(kernel, arch):
 def test_bf16_prompt_in_fp32_gives_the_bf16_products_values(layout):
     """prompt_in_fp32 (CPUs without fast bf16 products): a prompt is multiplied in fp32 by the bf16 weights and
     the bf16-rounded input, the values a bf16 product accumulating in fp32 has before its output rounding;
-    one decode token still takes the bf16 kernel."""
+    a decode step (fewer than FP32_PROMPT_MIN_ROWS rows) still takes the bf16 kernel."""
     g = torch.Generator().manual_seed(5)
     lin = nn.Linear(64, 48)
     with torch.no_grad():
@@ -310,8 +310,9 @@ def test_bf16_prompt_in_fp32_gives_the_bf16_products_values(layout):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert float((plain(x) - want).abs().max()) > 0  # the bf16 kernel rounds its output: the paths differ
-    one = x[:1, :1]
-    torch.testing.assert_close(fp32_prompt(one), plain(one), atol=0, rtol=0)  # decode: the same bf16 kernel
+    for few in (x[:1, :1], x[:1, :4], x[:, :3]):  # a decode step, batches of 1-6 rows: the same bf16 kernel
+        assert few.numel() < Q.FP32_PROMPT_MIN_ROWS * 64
+        torch.testing.assert_close(fp32_prompt(few), plain(few), atol=0, rtol=0)
 
 
 @torch.no_grad()

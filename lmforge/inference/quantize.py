@@ -25,7 +25,7 @@ the best one this CPU can run:
                   bias added after, more tokens through F.linear
 
 On a CPU whose bf16 matrix multiplies are slower than fp32 (no native bf16: AVX2-only CPUs; measured),
-the plain bf16 kernels (mv, transposed, linear) multiply a prompt (several rows) in fp32 from the bf16
+the plain bf16 kernels (mv, transposed, linear) multiply a prompt (8 rows or more) in fp32 from the bf16
 weights: there a 128-token bf16 product is compute-bound and ~4x slower than converting the weight and
 multiplying in fp32, while one decode token still streams the bf16 bytes (bf16_prompts_in_fp32).
 
@@ -72,6 +72,9 @@ MEASURE_BYTES = 64 << 20  # of the model's fp32 weights timed for it: more than 
 # so machines time the kernels again instead of trusting timings of the old code (r2: bf16-mv's mv without
 # oneDNN, the plain bf16 kernels' fp32 prompts).
 KERNELS_REVISION = "r2"
+# prompt_in_fp32 takes inputs of at least this many rows: under AVX2-only kernels a 3072 x 768 bf16 product
+# of 4 rows took 0.45 ms against 0.57 ms converted to fp32, of 8 rows 0.90 against 0.69 ms (benchmarks/RESULTS.md)
+FP32_PROMPT_MIN_ROWS = 8
 
 
 class PackedLinear(nn.Module):
@@ -115,7 +118,8 @@ class DenseLinear(nn.Module):
     goes through torch.mv instead, PyTorch's own matrix-vector kernel (oneDNN off: _aten_kernels), then
     adds the bias; more rows (a prompt) through F.linear.
     Plain PyTorch ops, so every CPU runs it; bf16 weights halve the bytes each token reads.
-    prompt_in_fp32: inputs of more than one row (a prompt) are multiplied in fp32, by the weights converted
+    prompt_in_fp32: inputs of FP32_PROMPT_MIN_ROWS rows or more (a prompt; not a small decode batch, where
+    converting the weights costs more than it saves) are multiplied in fp32, by the weights converted
     from `dtype` on the fly and the input rounded to `dtype` first: the same values as the `dtype` product,
     for CPUs where that product is slow (bf16_prompts_in_fp32).
     """
@@ -146,7 +150,7 @@ class DenseLinear(nn.Module):
             with _aten_kernels():  # mv, then the bias: its addmv with a bias is ~14x slower in bf16
                 y = torch.mv(self.weight, v) if self.bias is None else torch.mv(self.weight, v).add_(self.bias)
             return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
-        if self.prompt_in_fp32 and h.numel() > self.in_features:  # a prompt, on a CPU without fast bf16 products
+        if self.prompt_in_fp32 and h.numel() >= FP32_PROMPT_MIN_ROWS * self.in_features:  # a prompt, slow bf16
             w = self.weight.float()
             b = None if self.bias is None else self.bias.float()
             y = F.linear(h.float(), w.t() if self.transposed else w, b)
