@@ -3,6 +3,7 @@ shared between processes, atomic cache writes, MFU never above 100 %, and a star
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -194,9 +195,7 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
 """
 
 
-@pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"), reason="glibc only"
-)
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
 def test_freed_memory_is_reused_without_page_faults():
     """With keep_freed_memory, tensors allocated again reuse the pages freed before; glibc's default
     (LMFORGE_KEEP_FREED_MEMORY=0) maps big ones afresh each time and faults on every page's first write
