@@ -96,6 +96,33 @@ def test_cross_entropy_matches_torch_with_smoothing_and_ignored_targets():
     assert half.grad.dtype == torch.bfloat16
 
 
+def test_cross_entropy_exact_for_targets_far_below_the_top():
+    """The loss of a row comes from its softmax, -log p(target): a target so unlikely that p underflows fp32
+    (here 90 and 300 nats below the rest) must still get the exact loss, not inf or a rounded one."""
+    import torch.nn.functional as F
+
+    from lmforge.models.loss import target_nats, token_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, 40) * 3
+    y = torch.randint(0, 40, (16,))
+    logits[2, y[2]] -= 90.0
+    logits[9, y[9]] -= 300.0
+    for row in range(16):
+        ours = token_cross_entropy(logits[row : row + 1], y[row : row + 1], "sum")
+        ref = F.cross_entropy(logits[row : row + 1].double(), y[row : row + 1], reduction="sum")
+        assert torch.isfinite(ours)
+        assert abs(ours.item() - ref.item()) <= 2e-6 * max(1.0, ref.item()), (row, ours.item(), ref.item())
+    ref = F.cross_entropy(logits.double(), y, reduction="none")
+    for sync_free in (False, True):  # the CPU path and the accelerators' path, both run here
+        nats = target_nats(logits, logits.softmax(-1), y, sync_free)
+        torch.testing.assert_close(nats, ref.float(), rtol=2e-6, atol=2e-6)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    token_cross_entropy(a, y).backward()
+    F.cross_entropy(b, y).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     g = torch.Generator().manual_seed(0)
