@@ -36,6 +36,8 @@ KINDS = [  # (kind, substrings of operator names), first match wins
         "loss",
         (
             "log_softmax",
+            "aten::_softmax",
+            "aten::log",
             "nll_loss",
             "cross_entropy",
             "crossentropy",
@@ -100,7 +102,7 @@ def main():
     by_kind = defaultdict(float)
     for e in events:
         by_kind[kind_of(e.key)] += e.self_cpu_time_total
-    print(f"{args.preset} {args.precision}: {total / 1e3:.0f} ms, {faults} page faults (self CPU time of the step profiled)")
+    print(f"{args.preset} {args.precision}: {total / 1e3:.0f} ms, {faults} page faults (self CPU time of the step)")
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<11} {100 * t / total:5.1f} %  {t / 1e3:7.1f} ms")
     print(f"  matrix multiplication + attention: {100 * (by_kind['matmul'] + by_kind['attention']) / total:.1f} %")
@@ -110,6 +112,7 @@ def main():
             f"  {e.key:<50} {kind_of(e.key):<11} {100 * e.self_cpu_time_total / total:5.1f} %  "
             f"{e.self_cpu_time_total / 1e3:6.1f} ms {e.count:>4} calls"
         )
+
 
 if __name__ == "__main__":
     main()

@@ -117,7 +117,14 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tupl
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """Rotate the pairs (x1, x2) = (x[..., i], x[..., i + head_dim/2]) by the angles: (x1 c - x2 s, x2 c + x1 s),
-    or by minus the angles if inverse. Writes the halves of one new tensor: no concatenation, no negated copy."""
+    or by minus the angles if inverse. Writes the halves of one new tensor: no concatenation, no negated copy.
+    Queries and keys (B, H, T, head_dim) arrive as views of the QKV projection's (B, T, H, head_dim) slices; they
+    are first copied dense in that (B, T, H, head_dim) order: the four products over the strided halves ran at
+    half the speed of the copy plus the products (CPU, `tiny`: 1.34 vs 0.62 ms per call). Dense in the
+    projection's order, not contiguous as (B, H, T, head_dim): attention's output follows the query's layout,
+    and in that order the heads merge back for the output projection without a copy."""
+    if x.dim() == 4 and not x.is_contiguous() and not x.transpose(1, 2).is_contiguous():
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty_like(x, dtype=torch.result_type(x, cos))
