@@ -123,7 +123,7 @@ def test_activation_formula_with_checkpointing_and_moe():
     assert abs(activation_bytes(vres, 2, 32, "fp32", True, peak=False) - _saved_bytes(vres, 2, "fp32", True)) <= 512
     moe = dataclasses.replace(mc, moe_experts=4, moe_top_k=2)  # dispatch buffers: an estimate
     assert abs(activation_bytes(moe, 2, 32, "fp32", peak=False) / _saved_bytes(moe, 2, "fp32") - 1) < 0.06
-    # the peak adds the logits' gradient under autocast (in fp32 it overwrites the saved log-softmax: nothing new)
+    # the peak adds the logits' gradient under autocast (in fp32 it overwrites the saved softmax: nothing new)
     # (and one recomputed layer under checkpointing)
     assert activation_bytes(mc, 2, 32, "fp32") == activation_bytes(mc, 2, 32, "fp32", peak=False)
     assert activation_bytes(mc, 2, 32, "bf16") - activation_bytes(mc, 2, 32, "bf16", peak=False) == 2 * 32 * 2 * 320

@@ -241,10 +241,10 @@ def activation_bytes(
         value      (value_residual) every layer keeps its QKV output (the mixing saves v and v_1, views of it),
         residual   and the mixed v of the later layers reaches attention as a new tensor
 
-    once per token: the final norm, the head's input (a d), the fp32 log-softmax kept by the loss (4 V),
+    once per token: the final norm, the head's input (a d), the fp32 softmax kept by the loss (4 V),
     token ids and targets (17 bytes); with RoPE, the cos and sin tables (4 hd per position); and at the
     start of the backward (peak=True; peak=False counts what the forward saves), under autocast the logits'
-    gradient in 16 bits (a V; the fp32 gradient overwrites the saved log-softmax) and, with activation
+    gradient in 16 bits (a V; the fp32 gradient overwrites the saved softmax) and, with activation
     checkpointing (where a layer keeps only its input, r d, and with value residual the first layer's QKV
     output, v_1's storage), the one layer being recomputed. Checked against the tensors real forward
     passes save, in tests/test_sizing.py. Approximated (see `_approximations`): QK-norm, attention softcap;
