@@ -2,6 +2,7 @@
 tolerance, each option picks a kernel this CPU can run, and a CPU without oneDNN's packed bf16 path
 (AVX2-only) is simulated here by making that path fail the way it fails there."""
 
+import functools
 import time
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ TOLERANCE = {
     "onednn": 1e-4,
     "transposed": 1e-4,
     "linear": 0.0,
+    "compiled-mv": 1e-4,
     "bf16-onednn": 0.2,
     "bf16-mv": 0.2,
     "bf16-transposed": 0.2,
@@ -328,3 +330,55 @@ def test_bf16_prompts_in_fp32_where_bf16_products_are_slow(monkeypatch):
     t = time.perf_counter()
     assert isinstance(Q.bf16_products_slower(), bool)  # the real measurement: bounded, a few milliseconds
     assert time.perf_counter() - t < 2.0
+
+
+@torch.inference_mode()
+def test_compiled_matvec_equals_linear_for_decode_rows_and_prompts():
+    """compiled-mv's generated product (1 to COMPILED_MAX_ROWS rows) and its oneDNN path (more rows) both equal
+    F.linear in fp32, with and without a bias, for any leading shape."""
+    if (why := Q.kernel_available("compiled-mv")) is not None:
+        pytest.skip(f"compiled-mv cannot run here: {why}")
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = nn.Linear(200, 72, bias=bias)
+        layer = Q.CompiledMatvecLinear(lin)
+        for shape in [(1, 200), (1, 1, 200), (200,), (2, 1, 200), (3, 1, 200), (4, 1, 200), (5, 200), (2, 7, 200)]:
+            x = torch.randn(shape)
+            got, want = layer(x), F.linear(x, lin.weight, lin.bias)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_kernel_is_only_compiled_when_it_is_the_fastest(tmp_path, monkeypatch):
+    """The trial of compiled-mv compiles code (seconds), so choosing a kernel neither compiles it for a model
+    too small to time, nor when the timing ranks another kernel first; ranked first, it is tried, and a
+    failing trial falls back to the next kernel."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(Q, "_COMPILED", {"compiled-mv": lambda: None})  # prerequisites met, whatever this machine
+    tried = []
+    real_trial = Q.kernel_available.__wrapped__
+
+    def trial(name):
+        tried.append(name)
+        return "no compiler in this test" if name == "compiled-mv" else real_trial(name)
+
+    monkeypatch.setattr(Q, "kernel_available", functools.cache(trial))
+    assert Q.choose_kernel("none", tiny_model()) == "onednn" and "compiled-mv" not in tried  # nothing to time
+    model = build_model(ModelConfig(vocab_size=128, block_size=16, n_layer=1, n_head=4, d_model=512)).eval()
+    order = {"onednn": 2, "transposed": 3, "linear": 4, "compiled-mv": 5}
+    monkeypatch.setattr(Q, "measure_kernels", lambda kernels, layers: {k: order[k] for k in kernels})
+    assert Q.choose_kernel("none", model, log=lambda _: None) == "onednn" and "compiled-mv" not in tried
+    order["compiled-mv"] = 1  # now the fastest: tried, fails here, the next one is used
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "again"))
+    assert Q.choose_kernel("none", model, log=lambda _: None) == "onednn" and "compiled-mv" in tried
+
+
+@torch.inference_mode()
+def test_a_compiled_kernel_that_fails_to_compile_is_left_out_of_the_timing(monkeypatch):
+    def fail(*args):
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(Q, "_compiled_products", lambda: (fail, fail))
+    torch.manual_seed(0)
+    times = Q.measure_kernels(["onednn", "compiled-mv"], [nn.Linear(256, 256)], seconds=0.05)
+    assert times["compiled-mv"] == float("inf") and times["onednn"] < float("inf")

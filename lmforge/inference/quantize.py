@@ -7,7 +7,8 @@ several kernels, a weight layout plus the operation that multiplies by it, and t
 the best one this CPU can run:
 
     option        kernels (fallback order)              what changes
-    none          onednn, transposed, linear            nothing but the layout: fp32, same results up to rounding
+    none          onednn, transposed, linear,           nothing but the layout: fp32, same results up to rounding
+                  compiled-mv
     bf16          bf16-onednn, bf16-mv,                  weights and products in bfloat16, and the projections'
                   bf16-transposed, bf16-linear           outputs within each attention and MLP block; the residual
                                                          stream, the norms, the KV cache and attention over it,
@@ -20,6 +21,11 @@ the best one this CPU can run:
                   bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: AVX2-only CPUs cannot run it
     transposed    W^T kept as an (in, out) matrix, y = x @ W^T: a matrix-vector product that streams W row by row
     linear        the usual (out, in) layout through F.linear
+    compiled-mv   the (out, in) layout; one to COMPILED_MAX_ROWS tokens through a matrix-vector product that
+                  torch.compile generates for this CPU (a C++ loop streaming each weight row once for all rows),
+                  more tokens through oneDNN's product on the same weights. Needs a C++ compiler; the first
+                  load on a machine compiles it (seconds, then cached by PyTorch), each process pays ~3 s to
+                  load the compiler stack, so it is only ever tried when it could be picked (see below)
     mv            the (out, in) layout, one token through torch.mv with oneDNN switched off (PyTorch's own
                   reduced-precision matrix-vector kernel, which accumulates in fp32; every CPU runs it) and the
                   bias added after, more tokens through F.linear
@@ -32,7 +38,9 @@ multiplying in fp32, while one decode token still streams the bf16 bytes (bf16_p
 Choosing a kernel (`choose_kernel`), in two steps:
   1. which can run: a kernel is available when a trial on a tiny layer runs and agrees with
      F.linear (`kernel_available`, once per process). No option ever takes a path the CPU cannot
-     run; an option with no kernel left is refused in one line.
+     run; an option with no kernel left is refused in one line. compiled-mv's trial compiles, so it
+     counts as available when its prerequisites are there (a C++ compiler, not Windows), is timed
+     only when the model has layers worth timing, and takes its trial once it is the fastest.
   2. which is fastest: the available ones are timed on the model's own first layers (up to
      MEASURE_BYTES of weights, one token at a time, under MEASURE_SECONDS in all). Each kernel's best
      time is kept per machine and layer shapes (lmforge.machine), improved by the first MEASURE_LOADS
@@ -47,6 +55,9 @@ parameters, and the state dict changes, so load a fresh model to train or save.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -59,7 +70,7 @@ from ..errors import LmforgeError
 
 QUANTIZE = ("none", "bf16", "int8", "int8-dynamic")
 KERNELS = {
-    "none": ("onednn", "transposed", "linear"),
+    "none": ("onednn", "transposed", "linear", "compiled-mv"),
     "bf16": ("bf16-onednn", "bf16-mv", "bf16-transposed", "bf16-linear"),
     "int8": ("int8",),
     "int8-dynamic": ("int8-dynamic",),
@@ -67,11 +78,17 @@ KERNELS = {
 PACK_MIN_WEIGHTS = 1 << 19  # fp32 layouts skip layers smaller than this (768 x 768 is repacked, 192 x 576 is not)
 MEASURE_SECONDS = 0.4  # choosing among an option's kernels, on each of the first MEASURE_LOADS loads
 MEASURE_LOADS = 3  # per machine and model shape: each kernel's best time over these loads decides, then it is kept
-MEASURE_BYTES = 64 << 20  # of the model's fp32 weights timed for it: more than the per-core caches hold
+# of the model's fp32 weights timed for it: several times a CPU's last-level cache (32 MB on a 2-core EPYC VM), or
+# a weight pass partly hits it: at 64 MB oneDNN and compiled-mv timed 2.99 vs 3.29 ms in one load, while in
+# decode and at 128-256 MB compiled-mv was 10-25 % faster
+MEASURE_BYTES = 128 << 20
 # Part of the key under which kernel timings are kept per machine: raise it whenever a kernel's code changes,
 # so machines time the kernels again instead of trusting timings of the old code (r2: bf16-mv's mv without
-# oneDNN, the plain bf16 kernels' fp32 prompts).
-KERNELS_REVISION = "r2"
+# oneDNN, the plain bf16 kernels' fp32 prompts; r3: compiled-mv added, each kernel timed over its own loads).
+KERNELS_REVISION = "r3"
+# compiled-mv takes inputs of up to this many rows (decode of a small batch): 48 GPT-2 body matrices took
+# 14.5 / 15.1 / 15.6 / 32.9 ms for 1 / 2 / 4 / 8 rows, oneDNN 16.6 / 20.3 / 18.9 / 27.1 ms (2-core AMD EPYC)
+COMPILED_MAX_ROWS = 4
 # prompt_in_fp32 takes inputs of at least this many rows: under AVX2-only kernels a 3072 x 768 bf16 product
 # of 4 rows took 0.45 ms against 0.57 ms converted to fp32, of 8 rows 0.90 against 0.69 ms (benchmarks/RESULTS.md)
 FP32_PROMPT_MIN_ROWS = 8
@@ -162,6 +179,71 @@ class DenseLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
 
 
+def _row_times_weight(weight: torch.Tensor, row: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """row (in,) @ weight (out, in)^T + bias -> (out,), written as the reduction torch.compile turns into one loop
+    over the weight's rows, each read once (a decode token)."""
+    return (weight * row).sum(-1) + bias
+
+
+def _rows_times_weight(weight: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """rows (R, in) @ weight (out, in)^T + bias -> (R, out), the same for a few rows: each weight row is read
+    once for all R."""
+    return ((weight[:, None, :] * rows[None]).sum(-1) + bias[:, None]).t().contiguous()
+
+
+@functools.cache
+def _compiled_products():
+    """(one row, a few rows): _row_times_weight and _rows_times_weight compiled once per process for every
+    shape (dynamic), CPU code from PyTorch's inductor. Two functions, so each keeps its own few compiled
+    variants (one row is always a variant of its own) well under torch.compile's recompile limit."""
+    return tuple(torch.compile(f, dynamic=True, fullgraph=True) for f in (_row_times_weight, _rows_times_weight))
+
+
+class CompiledMatvecLinear(nn.Module):
+    """x W^T + b, W in the usual (out, in) layout: up to COMPILED_MAX_ROWS rows (decode) through the product
+    torch.compile generates for this CPU, more rows (a prompt) through oneDNN's product on the same weights
+    (F.linear without oneDNN).
+
+    Why: batch-1 decode streams every weight once per token, and the generated loop streams faster than the
+    library kernels: 48 GPT-2 body matrices back to back in 12-15 ms against oneDNN's 15-18 ms (the same
+    weights, alternating in one process), and GPT-2 decode at 2.05-2.38x transformers against oneDNN's
+    1.54-1.79x on a 2-core AMD EPYC (benchmarks/decode_speed.py, benchmarks/RESULTS.md). For many rows the
+    product is compute-bound and oneDNN's blocked kernel is faster (128 rows: 126 vs 273 ms); it reaches
+    the same speed from the plain layout (133 ms), so one copy of the weights serves both.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, torch.float32
+        self.out_dtype = None
+        self.register_buffer("weight", linear.weight.detach().float().contiguous())
+        bias = torch.zeros(self.out_features) if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias)  # zeros without one: one compiled variant, the add is fused
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features).float()
+        if len(rows) == 1:
+            y = _compiled_products()[0](self.weight, rows[0], self.bias)
+        elif len(rows) <= COMPILED_MAX_ROWS:
+            y = _compiled_products()[1](self.weight, rows, self.bias)
+        elif torch.backends.mkldnn.is_available():
+            y = torch.ops.mkldnn._linear_pointwise.default(rows.contiguous(), self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(rows, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
+
+
+def compiled_kernel_prerequisites() -> str | None:
+    """None when torch.compile can build CPU code here (a C++ compiler on PATH, or $CXX; not Windows), else why
+    not. Cheap: the real trial compiles (kernel_available)."""
+    if sys.platform == "win32":
+        return "torch.compile's CPU code is not used on Windows here"
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    if not any(shutil.which(c) for c in candidates):
+        return "no C++ compiler found (torch.compile needs one: install g++ or clang)"
+    return None
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8: W ~ q * scale with one scale per output row; x stays in its own dtype."""
 
@@ -236,6 +318,7 @@ _FACTORIES = {
     "onednn": (lambda lin: PackedLinear(lin, torch.float32), True),
     "transposed": (lambda lin: DenseLinear(lin, torch.float32, transposed=True), True),
     "linear": (None, True),
+    "compiled-mv": (CompiledMatvecLinear, True),
     "bf16-onednn": (lambda lin: PackedLinear(lin, torch.bfloat16), False),
     "bf16-mv": (
         lambda lin: DenseLinear(lin, torch.bfloat16, matvec=True, prompt_in_fp32=bf16_prompts_in_fp32()),
@@ -250,6 +333,8 @@ _FACTORIES = {
     "int8-dynamic": (DynamicInt8Linear, False),
 }
 _TRIAL_TOLERANCE = {"int8-dynamic": 0.1, "int8": 0.05}  # relative error on the trial layer; bf16 0.02, fp32 1e-4
+# kernels whose trial compiles code (seconds): available on their prerequisites until they are to be used
+_COMPILED = {"compiled-mv": compiled_kernel_prerequisites}
 
 
 @functools.cache
@@ -270,13 +355,15 @@ def kernel_available(name: str) -> str | None:
         lin.weight.copy_(torch.randn(48, 64, generator=g) / 8)
         lin.bias.copy_(torch.randn(48, generator=g) / 8)
     x = torch.randn(3, 2, 64, generator=g)
+    if name in _COMPILED and (why := _COMPILED[name]()) is not None:
+        return why
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.inference_mode(), warnings.catch_warnings():  # inference mode: as generation runs it
             warnings.simplefilter("ignore")
             layer = make(lin)
             got, want = layer(x), lin(x)
             one = layer(x[:1, :1])  # the decode shape: one row, one token
-    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a kernel this build or CPU cannot run (compiled ones: any compile error)
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
     tol = _TRIAL_TOLERANCE.get(name, 0.02 if name.startswith("bf16") else 1e-4)
     err = max(float((got - want).abs().max()), float((one - want[:1, :1]).abs().max())) / float(want.abs().max())
@@ -285,9 +372,11 @@ def kernel_available(name: str) -> str | None:
     return None
 
 
-def available_kernels(quantize: str) -> list[str]:
-    """The kernels of a --quantize option that run on this CPU, in order of preference."""
-    return [k for k in KERNELS[quantize] if kernel_available(k) is None]
+def available_kernels(quantize: str, tried: bool = True) -> list[str]:
+    """The kernels of a --quantize option that run on this CPU, in order of preference. tried=False counts a
+    kernel whose trial compiles code (compiled-mv) on its prerequisites alone, without compiling."""
+    untried = () if tried else _COMPILED
+    return [k for k in KERNELS[quantize] if (_COMPILED[k]() if k in untried else kernel_available(k)) is None]
 
 
 def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> str:
@@ -300,12 +389,12 @@ def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> st
     """
     if quantize not in KERNELS:
         raise LmforgeError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE)})")
-    usable = available_kernels(quantize)
+    usable = available_kernels(quantize, tried=False)
     if not usable:
         raise LmforgeError(f"--quantize {quantize} cannot run on this CPU: {kernel_available(KERNELS[quantize][-1])}")
     layers = _sample_layers(model, _FACTORIES[usable[0]][1]) if model is not None else []
     if len(usable) == 1 or not layers:
-        return usable[0]
+        return _first_that_runs(quantize, usable)
     from .. import machine
 
     shapes = "+".join(dict.fromkeys(f"{lin.out_features}x{lin.in_features}" for lin in layers))
@@ -314,12 +403,22 @@ def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> st
     if not _complete(kept, usable):
         (log or machine._stderr)(
             f"timing {', '.join(usable)} for --quantize {quantize} on this CPU (on the first {MEASURE_LOADS} loads "
-            f"per machine and model shape, under {MEASURE_SECONDS:g} s)"
+            f"per machine and model shape, under {MEASURE_SECONDS:g} s"
+            + (", plus compiling compiled-mv: seconds, the first time minutes" if "compiled-mv" in usable else "")
+            + ")"
         )
         fresh = measure_kernels(usable, layers)
         kept = machine.update(key, lambda old: _merge_times(old, fresh))
     times = kept["seconds"]
-    return min(usable, key=lambda k: times.get(k, float("inf")))
+    return _first_that_runs(quantize, sorted(usable, key=lambda k: times.get(k, float("inf"))))
+
+
+def _first_that_runs(quantize: str, ranked: list[str]) -> str:
+    """The first of `ranked` whose trial passes (a compiled kernel's trial compiles it only when it comes first)."""
+    for k in ranked:
+        if kernel_available(k) is None:
+            return k
+    raise LmforgeError(f"--quantize {quantize} cannot run on this CPU: {kernel_available(ranked[-1])}")
 
 
 def _complete(kept, kernels: list[str]) -> bool:
@@ -375,11 +474,17 @@ def measure_kernels(kernels: list[str], layers: list[nn.Linear], seconds: float 
             built[kernel] = [lin if make is None else make(lin) for lin in layers]
     best = dict.fromkeys(kernels, float("inf"))
     for passes in range(100):
-        for kernel, mods in built.items():
+        for kernel, mods in list(built.items()):
             t0 = time.perf_counter()
-            for m, x in zip(mods, xs):
-                m(x)
-            if passes:  # the first pass warms up (first-call allocations, caches)
+            try:
+                for m, x in zip(mods, xs):
+                    m(x)
+            except Exception:  # noqa: BLE001 - a compiled kernel failing to compile here: never the fastest
+                if kernel not in _COMPILED:
+                    raise
+                del built[kernel]
+                continue
+            if passes:  # the first pass warms up (first-call allocations, caches, a compiled kernel's compile)
                 best[kernel] = min(best[kernel], time.perf_counter() - t0)
         if passes >= 2 and time.perf_counter() > deadline:
             break
@@ -426,6 +531,11 @@ def pack_for_inference(
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, make(child))
+    if targets and kernel in _COMPILED:  # compile now, at load, not during the first tokens
+        layer = getattr(targets[0][0], targets[0][1])
+        with torch.inference_mode():
+            for rows in (1, 2):  # one row, and several: two specialisations
+                layer(torch.zeros(rows, layer.in_features))
     if quantize == "bf16":
         _bf16_inside_blocks(model)
     return model
