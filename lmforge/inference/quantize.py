@@ -55,6 +55,7 @@ parameters, and the state dict changes, so load a fresh model to train or save.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -196,6 +197,9 @@ def _compiled_products():
     """(one row, a few rows): _row_times_weight and _rows_times_weight compiled once per process for every
     shape (dynamic), CPU code from PyTorch's inductor. Two functions, so each keeps its own few compiled
     variants (one row is always a variant of its own) well under torch.compile's recompile limit."""
+    # PyTorch's C++ builder warns on every first compile when a CUDA build of torch runs without CUDA (a CPU-only
+    # machine): not something a user of lmforge can act on
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return tuple(torch.compile(f, dynamic=True, fullgraph=True) for f in (_row_times_weight, _rows_times_weight))
 
 
