@@ -75,6 +75,9 @@ def main():
         "minutes to compile); kernels this CPU cannot run are listed and skipped",
     )
     args = ap.parse_args()
+    known = [k for ks in Q.KERNELS.values() for k in ks] + ["fp32-compile"]
+    if unknown := [v for v in args.variants.split(",") if v not in known]:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     print(f"CPU: {describe_cpu()}")
     torch.manual_seed(0)
     base = build_model(preset("gpt2").model).eval()
@@ -82,7 +85,7 @@ def main():
     print(
         f"GPT-2 124M shape, random weights; max |logit difference| lmforge vs transformers: {check_same(base, hf):.2e}"
     )
-    chosen = {q: Q.choose_kernel(q, base, log=print) for q in Q.QUANTIZE}
+    chosen = {q: Q.choose_kernel(q, base, log=print, compiled=True) for q in Q.QUANTIZE}  # as the server chooses
     print("--quantize picks on this CPU: " + ", ".join(f"{q} -> {k}" for q, k in chosen.items()))
     option_of = {k: q for q, ks in Q.KERNELS.items() for k in ks} | {"fp32-compile": "none"}
     models = {}

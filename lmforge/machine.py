@@ -26,6 +26,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import LmforgeError
+
 # CPU features that decide which matmul kernels exist: bf16 dot products (avx512_bf16, amx_bf16),
 # the AVX-512 subsets oneDNN's packed bf16 path needs (avx512_bw/vl/dq, or avx_ne_convert), int8 dot products.
 FEATURES = (
@@ -95,6 +97,33 @@ def keep_freed_memory() -> bool:
                 mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
                 _kept_freed_memory = mmap_ok and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     return _kept_freed_memory
+
+
+def pick_device(name: str = "auto"):
+    """The torch.device a --device value names: "auto" (CUDA, else MPS, else the CPU), "cpu", "cuda", "cuda:N",
+    "mps". LmforgeError (one line) for a name torch does not know, or a device this machine does not have."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LmforgeError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LmforgeError(f"device {name} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LmforgeError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise LmforgeError(f"device {name} requested but MPS is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise LmforgeError(f"device {name} is not supported by lmforge: use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def cpu_name() -> str:

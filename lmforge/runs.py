@@ -28,6 +28,7 @@ from .config import FAMILIES, Config
 from .data.tokenizer import Tokenizer
 from .errors import LmforgeError
 from .io import atomic_path, write_json_atomic
+from .machine import pick_device
 from .models import build_model
 
 CONFIG = "config.json"
@@ -182,5 +183,5 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
             )
     model = build_model(cfg.model)
     load_weights(run_dir / WEIGHTS, model)
-    model.to(device).eval()
+    model.to(pick_device(device) if isinstance(device, str) else device).eval()
     return model, tokenizer

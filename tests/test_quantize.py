@@ -350,9 +350,10 @@ def test_compiled_matvec_equals_linear_for_decode_rows_and_prompts():
 
 
 def test_compiled_kernel_is_only_compiled_when_it_is_the_fastest(tmp_path, monkeypatch):
-    """The trial of compiled-mv compiles code (seconds), so choosing a kernel neither compiles it for a model
-    too small to time, nor when the timing ranks another kernel first; ranked first, it is tried, and a
-    failing trial falls back to the next kernel."""
+    """The trial of compiled-mv compiles code (seconds), so choosing a kernel neither times it for one
+    generation (only a long-running process asks for compiled kernels), nor compiles it for a model too
+    small to time or when the timing ranks another kernel first; ranked first, it is tried, and a failing
+    trial falls back to the next kernel."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(Q, "_COMPILED", {"compiled-mv": lambda: None})  # prerequisites met, whatever this machine
     tried = []
@@ -363,14 +364,25 @@ def test_compiled_kernel_is_only_compiled_when_it_is_the_fastest(tmp_path, monke
         return "no compiler in this test" if name == "compiled-mv" else real_trial(name)
 
     monkeypatch.setattr(Q, "kernel_available", functools.cache(trial))
-    assert Q.choose_kernel("none", tiny_model()) == "onednn" and "compiled-mv" not in tried  # nothing to time
+    assert Q.choose_kernel("none", tiny_model(), compiled=True) == "onednn" and "compiled-mv" not in tried
     model = build_model(ModelConfig(vocab_size=128, block_size=16, n_layer=1, n_head=4, d_model=512)).eval()
-    order = {"onednn": 2, "transposed": 3, "linear": 4, "compiled-mv": 5}
-    monkeypatch.setattr(Q, "measure_kernels", lambda kernels, layers: {k: order[k] for k in kernels})
-    assert Q.choose_kernel("none", model, log=lambda _: None) == "onednn" and "compiled-mv" not in tried
+    order = {"onednn": 2, "transposed": 3, "linear": 4, "compiled-mv": 1}
+    timed = []
+
+    def measure(kernels, layers):
+        timed.append(list(kernels))
+        return {k: order[k] for k in kernels}
+
+    monkeypatch.setattr(Q, "measure_kernels", measure)
+    # one generation (compiled=False, the default): not even timed, although it would be the fastest
+    assert Q.choose_kernel("none", model, log=lambda _: None) == "onednn" and "compiled-mv" not in timed[-1]
+    order["compiled-mv"] = 5  # a long-running process, where it times slowest: timed, never tried
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "server"))
+    assert Q.choose_kernel("none", model, log=lambda _: None, compiled=True) == "onednn"
+    assert "compiled-mv" in timed[-1] and "compiled-mv" not in tried
     order["compiled-mv"] = 1  # now the fastest: tried, fails here, the next one is used
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "again"))
-    assert Q.choose_kernel("none", model, log=lambda _: None) == "onednn" and "compiled-mv" in tried
+    assert Q.choose_kernel("none", model, log=lambda _: None, compiled=True) == "onednn" and "compiled-mv" in tried
 
 
 @torch.inference_mode()

@@ -215,3 +215,26 @@ def test_default_corpus_leaves_out_filler(tmp_path):
     for name, (text, filler) in cases.items():
         (tmp_path / name).write_text(text)
         assert corpus.is_filler(tmp_path / name) == filler, name
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("foo", "unknown device 'foo'"),
+        ("cuda", "CUDA is not available"),
+        ("meta", "not supported by lmforge|unknown device 'meta'"),  # the train config's own check says the latter
+    ],
+)
+def test_a_device_this_machine_cannot_use_is_one_line(device, expected, tmp_path, capsys, monkeypatch):
+    """--device reaches torch only through machine.pick_device: a name torch does not know, or a device this
+    machine lacks, is one line, for every verb that loads a run (generate, eval, serve) or trains one."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    run = shutil.copytree(OLD_RUN, tmp_path / "run")
+    for argv in (
+        ["generate", run, "--prompt", "x", "--max-new-tokens", 2],
+        ["train", *TINY_ARGS, "--out", tmp_path / "t"],
+    ):
+        code, out, err = run_cli(capsys, *argv, "--device", device)
+        assert code == 1 and any(e in one_line(err) for e in expected.split("|")), err

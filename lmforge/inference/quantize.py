@@ -40,7 +40,8 @@ Choosing a kernel (`choose_kernel`), in two steps:
      F.linear (`kernel_available`, once per process). No option ever takes a path the CPU cannot
      run; an option with no kernel left is refused in one line. compiled-mv's trial compiles, so it
      counts as available when its prerequisites are there (a C++ compiler, not Windows), is timed
-     only when the model has layers worth timing, and takes its trial once it is the fastest.
+     only for a long-running process (the server: compiled=True) whose model has layers worth timing,
+     and takes its trial once it is the fastest.
   2. which is fastest: the available ones are timed on the model's own first layers (up to
      MEASURE_BYTES of weights, one token at a time, under MEASURE_SECONDS in all). Each kernel's best
      time is kept per machine and layer shapes (lmforge.machine), improved by the first MEASURE_LOADS
@@ -383,17 +384,19 @@ def available_kernels(quantize: str, tried: bool = True) -> list[str]:
     return [k for k in KERNELS[quantize] if (_COMPILED[k]() if k in untried else kernel_available(k)) is None]
 
 
-def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> str:
+def choose_kernel(quantize: str, model: nn.Module | None = None, log=None, compiled: bool = False) -> str:
     """The kernel pack_for_inference uses for an option on this CPU; LmforgeError when none can run here.
 
     With a model and several runnable kernels, the fastest for its layers on this machine: each kernel's
     best time over the first MEASURE_LOADS loads per machine and layer shapes (`measure_kernels`, under
     MEASURE_SECONDS each), cached by lmforge.machine; log (default stderr) gets one line when it measures.
-    Without a model, the first runnable one.
+    Without a model, the first runnable one. compiled: whether kernels that compile code (compiled-mv) are
+    candidates. Worth it for a process that decodes many tokens (a server): the ~3 s it adds to every load
+    is more than it saves on one generation (GPT-2 small: ~4 ms per token, so ~750 tokens to break even).
     """
     if quantize not in KERNELS:
         raise LmforgeError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE)})")
-    usable = available_kernels(quantize, tried=False)
+    usable = [k for k in available_kernels(quantize, tried=False) if compiled or k not in _COMPILED]
     if not usable:
         raise LmforgeError(f"--quantize {quantize} cannot run on this CPU: {kernel_available(KERNELS[quantize][-1])}")
     layers = _sample_layers(model, _FACTORIES[usable[0]][1]) if model is not None else []
@@ -408,7 +411,7 @@ def choose_kernel(quantize: str, model: nn.Module | None = None, log=None) -> st
         (log or machine._stderr)(
             f"timing {', '.join(usable)} for --quantize {quantize} on this CPU (on the first {MEASURE_LOADS} loads "
             f"per machine and model shape, under {MEASURE_SECONDS:g} s"
-            + (", plus compiling compiled-mv: seconds, the first time minutes" if "compiled-mv" in usable else "")
+            + (", plus compiling compiled-mv: seconds, ~10 s the first time" if "compiled-mv" in usable else "")
             + ")"
         )
         fresh = measure_kernels(usable, layers)
@@ -496,12 +499,13 @@ def measure_kernels(kernels: list[str], layers: list[nn.Linear], seconds: float 
 
 
 def pack_for_inference(
-    model: nn.Module, quantize: str | None = "none", kernel: str | None = None, log=None
+    model: nn.Module, quantize: str | None = "none", kernel: str | None = None, log=None, compiled: bool = False
 ) -> nn.Module:
     """Swap the model's fp32 nn.Linear layers for the chosen CPU inference kernel (in place); returns the model.
 
     quantize: one of QUANTIZE (None = "none"). kernel: force one of KERNELS[quantize] instead of the
-    fastest runnable one (choose_kernel; log gets its one line when it has to measure). A model not on
+    fastest runnable one (choose_kernel; log gets its one line when it has to measure; compiled: whether
+    compiled-mv may be chosen, for long-running processes such as the server). A model not on
     the CPU is left as it is for "none"; the other options are an error there, as is a forced kernel
     this CPU cannot run (LmforgeError, one line).
     """
@@ -517,7 +521,7 @@ def pack_for_inference(
             f"--quantize {quantize} is for CPU inference (this model is on {next(model.parameters()).device})"
         )
     if kernel is None:
-        kernel = choose_kernel(quantize, model, log)
+        kernel = choose_kernel(quantize, model, log, compiled)
     elif (why := kernel_available(kernel)) is not None:
         raise LmforgeError(f"kernel {kernel} cannot run on this CPU: {why}")
     make, big_only = _FACTORIES[kernel]

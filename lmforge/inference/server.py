@@ -512,7 +512,7 @@ def serve(
 
     model, tokenizer = load(run_dir, device=device)
     if not compile:  # compiling packs the weights itself
-        pack_for_inference(model, quantize)
+        pack_for_inference(model, quantize, compiled=True)  # a server decodes enough to repay compiling a kernel
     name = model_name or Path(run_dir).resolve().name
     app = create_app(
         model,

@@ -22,7 +22,6 @@ from .precision import (
     choose_precision,
     flops_per_token,
     measure_cpu_peak,
-    pick_device,
     store_cpu_peak,
 )
 
@@ -127,7 +126,7 @@ def bench_train(
     """
     cfg = preset(preset_name)
     mcfg, tcfg = cfg.model, cfg.train
-    dev = pick_device(device)
+    dev = machine.pick_device(device)
     kept = dev.type == "cpu" and machine.keep_freed_memory()
     precision = choose_precision(precision, dev)
     ref_precision = choose_precision(ref_precision, dev)

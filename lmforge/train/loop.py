@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, Parallel, _full, broadcast_object, init_distributed, shutdown, wrap
 from .optim import build_optimizers, lr_factor
-from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16, pick_device
+from .precision import PeakFlops, autocast_for, choose_precision, cpu_has_native_bf16
 from .state import (
     MetricsWriter,
     RunState,
@@ -84,7 +84,7 @@ def train(
     Raises LmforgeError for a run that cannot start (no budget, existing weights, missing data).
     """
     run_dir = Path(run_dir)
-    device = pick_device((load_config(run_dir) if resume else cfg).train.device)
+    device = machine.pick_device((load_config(run_dir) if resume else cfg).train.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)

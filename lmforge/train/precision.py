@@ -13,8 +13,6 @@ import time
 
 import torch
 
-from ..errors import LmforgeError
-
 # Published dense peak FLOP/s by GPU name fragment and precision (tensor cores; fp32 = TF32 where available).
 GPU_PEAKS = {
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
@@ -177,20 +175,6 @@ def peak_flops(device: torch.device, precision: str, log=None) -> float | None:
             if frag in name:
                 return peaks.get(precision)
     return None
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise LmforgeError("device cuda requested but CUDA is not available")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise LmforgeError("device mps requested but MPS is not available")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -356,12 +356,15 @@ def dry_run(cfg: Config, data=None, world_size: int | None = None, resume: Path 
 
 def _device(name: str) -> tuple[torch.device, bool]:
     """(the device a run would use, whether it is only hypothetical here: asked for but not available)."""
-    from .precision import pick_device
+    from ..machine import pick_device
 
     try:
         return pick_device(name), False
     except LmforgeError:
-        return torch.device(name), True
+        try:  # a device torch knows, absent here (sizing a GPU run on a laptop)
+            return torch.device(name), True
+        except (RuntimeError, TypeError):
+            raise LmforgeError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def _with_vocabulary(cfg: Config, data, resume) -> tuple[Config, str]:
