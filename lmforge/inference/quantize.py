@@ -211,8 +211,9 @@ class CompiledMatvecLinear(nn.Module):
 
     Why: batch-1 decode streams every weight once per token, and the generated loop streams faster than the
     library kernels: 48 GPT-2 body matrices back to back in 12-15 ms against oneDNN's 15-18 ms (the same
-    weights, alternating in one process), and GPT-2 decode at 2.05-2.38x transformers against oneDNN's
-    1.54-1.79x on a 2-core AMD EPYC (benchmarks/decode_speed.py, benchmarks/RESULTS.md). For many rows the
+    weights, alternating in one process), and GPT-2 decode at 1.64-2.39x transformers (median 2.05x over nine
+    runs) against oneDNN's 1.45-1.79x in the same runs, on a 2-core AMD EPYC with AVX-512
+    (benchmarks/decode_speed.py, benchmarks/RESULTS.md). For many rows the
     product is compute-bound and oneDNN's blocked kernel is faster (128 rows: 126 vs 273 ms); it reaches
     the same speed from the plain layout (133 ms), so one copy of the weights serves both.
     """
@@ -238,6 +239,7 @@ class CompiledMatvecLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
 
 
+@functools.cache
 def compiled_kernel_prerequisites() -> str | None:
     """None when torch.compile can build CPU code here (a C++ compiler on PATH, or $CXX; not Windows), else why
     not. Cheap: the real trial compiles (kernel_available)."""
@@ -354,14 +356,14 @@ def kernel_available(name: str) -> str | None:
         return None
     if name.endswith("onednn") and not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN"
+    if name in _COMPILED and (why := _COMPILED[name]()) is not None:
+        return why
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(64, 48)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(48, 64, generator=g) / 8)
         lin.bias.copy_(torch.randn(48, generator=g) / 8)
     x = torch.randn(3, 2, 64, generator=g)
-    if name in _COMPILED and (why := _COMPILED[name]()) is not None:
-        return why
     try:
         with torch.inference_mode(), warnings.catch_warnings():  # inference mode: as generation runs it
             warnings.simplefilter("ignore")

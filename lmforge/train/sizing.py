@@ -360,11 +360,11 @@ def _device(name: str) -> tuple[torch.device, bool]:
 
     try:
         return pick_device(name), False
-    except LmforgeError:
+    except LmforgeError as absent:
         try:  # a device torch knows, absent here (sizing a GPU run on a laptop)
             return torch.device(name), True
-        except (RuntimeError, TypeError):
-            raise LmforgeError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        except (RuntimeError, TypeError):  # a name torch does not know: pick_device's own error
+            raise absent from None
 
 
 def _with_vocabulary(cfg: Config, data, resume) -> tuple[Config, str]:
